@@ -94,10 +94,10 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode != "I" or arr.max(initial=0) > 255 else 255.0
         arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, mode="L")
+        img = Image.fromarray(arr)
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         img.mode == "P" and "transparency" in img.info
     )

@@ -41,7 +41,7 @@ def digit_class(digit: int) -> str:
 def digit_png(pixels: np.ndarray) -> bytes:
     """One 8x8 digit (ink 0-16) as a 32x32 PNG, dark ink on white."""
     gray = (255 - np.rint(pixels.reshape(8, 8) * 255.0 / 16.0)).astype(np.uint8)
-    img = Image.fromarray(gray, mode="L").resize((SIDE, SIDE), Image.Resampling.BILINEAR)
+    img = Image.fromarray(gray).resize((SIDE, SIDE), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
@@ -73,9 +73,7 @@ def write_sample(raw: Path, per_digit: int | None = None) -> int:
     if raw.exists():
         existing = sorted(p for p in raw.rglob("*") if p.is_file())
         foreign = [
-            p
-            for p in existing
-            if expected.get(p.relative_to(raw).as_posix()) != p.read_bytes()
+            p for p in existing if expected.get(p.relative_to(raw).as_posix()) != p.read_bytes()
         ]
         if foreign:
             shown = ", ".join(str(p.relative_to(raw)) for p in foreign[:3])

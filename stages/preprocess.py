@@ -1,0 +1,486 @@
+"""Stage ``preprocess``: ``data/raw/<class>/<subclass>/...`` to training-size RGB JPEGs.
+
+Outputs (``data/raw`` is only ever read):
+
+- ``data/processed/<class>/<flat name>.jpg``: every usable image, upright, RGB, fitted to
+  ``preprocess.size`` (pad or crop), so no later step decodes a full-size photo again;
+- ``data/invalid/<class>/<flat name>``: byte copies of unusable files (the origin's
+  quarantine), files outside any class folder go to ``data/invalid/_unlabelled/``;
+- ``data/manifest.csv``: one row per raw file with its class, subclass, SHA-256 and
+  outcome (``processed``, ``invalid`` with the reason in words, or ``skipped``).
+
+Rules:
+
+- Sub-folders below the class folder may nest; the first is the subclass. A file lying
+  directly in a class folder belongs to that class with an empty subclass.
+- Flattening joins the path below the class folder with ``__``; when two files would get
+  the same flat name, both get a short hash of their raw path appended, so nothing is
+  ever overwritten.
+- The same image content under two different classes is a label conflict: every copy is
+  quarantined with that reason. Identical content within one class is kept.
+- Hidden files (``.DS_Store``) and sidecar files by extension (``.txt`` captions, ``.json``,
+  ...) are not images and not errors: they are listed as ``skipped`` and not copied.
+  Everything else is decoded by content (so upper-case or missing extensions are fine).
+
+Incremental: results are cached by (content hash, processing settings, code version) in a
+folder outside the DVC outs, and file hashes by (path, size, mtime), so a rerun decodes
+only new or changed content.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import PIL
+from tqdm import tqdm
+
+from stages import imaging
+from stages.config import PATHS, digest, load_params, section, setup_logging
+from stages.imaging import DecodeOptions, InvalidImage
+
+log = logging.getLogger(__name__)
+
+SIDECAR_SUFFIXES = frozenset(
+    {".txt", ".json", ".xml", ".csv", ".tsv", ".md", ".yaml", ".yml", ".xmp", ".ini", ".db"}
+)
+UNLABELLED = "_unlabelled"
+MANIFEST_FIELDS = ("raw_path", "class", "subclass", "sha256", "status", "output_path", "reason")
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """One file under the raw folder. ``label`` is None for files outside a class folder."""
+
+    rel: str  # posix path relative to the raw folder
+    label: str | None
+    subclass: str
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why this file is not an image candidate at all, or None."""
+        name = self.rel.rsplit("/", 1)[-1]
+        if name.startswith("."):
+            return "hidden file"
+        suffix = Path(name).suffix.lower()
+        if suffix in SIDECAR_SUFFIXES:
+            return f"sidecar file ({suffix}), not an image"
+        return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Where one raw file ended up; ``output`` is relative to the output folder it lives in."""
+
+    raw: RawFile
+    sha256: str
+    status: str  # processed | invalid | skipped
+    output: str
+    reason: str
+
+
+def scan_raw(raw: Path) -> list[RawFile]:
+    """List every file under ``raw`` (sorted, symlinked folders not followed)."""
+    if not raw.is_dir():
+        raise FileNotFoundError(
+            f"raw data folder not found: {raw} (put images in {raw}/<class>/<subclass>/, "
+            "or run `python -m stages.sample` for the bundled sample)"
+        )
+    files: list[RawFile] = []
+    for dirpath, dirnames, filenames in os.walk(raw):
+        dirnames.sort()
+        for name in sorted(filenames):
+            rel = (Path(dirpath) / name).relative_to(raw).as_posix()
+            parts = rel.split("/")
+            if len(parts) == 1:
+                files.append(RawFile(rel, None, ""))
+            else:
+                files.append(RawFile(rel, parts[0], parts[1] if len(parts) > 2 else ""))
+    return files
+
+
+def flat_names(files: Iterable[RawFile], suffix: str | None) -> dict[str, str]:
+    """Map each raw path to a unique flat file name inside its class folder.
+
+    ``suffix`` replaces the file's extension (``.jpg`` for processed), or None keeps the
+    original name (invalid copies). Names that collide get ``-<hash of raw path>``.
+    """
+    proposed: dict[str, str] = {}
+    groups: dict[tuple[str | None, str], list[str]] = defaultdict(list)
+    for f in files:
+        parts = f.rel.split("/")[1:] if f.label is not None else f.rel.split("/")
+        name = "__".join(parts)
+        if suffix is not None:
+            name = "__".join([*parts[:-1], Path(parts[-1]).stem]) + suffix
+        proposed[f.rel] = name
+        groups[(f.label, name.casefold())].append(f.rel)
+    for members in groups.values():
+        if len(members) > 1:
+            for rel in members:
+                stem, dot, ext = proposed[rel].rpartition(".")
+                tag = hashlib.sha1(rel.encode()).hexdigest()[:8]
+                proposed[rel] = f"{stem}-{tag}{dot}{ext}" if dot else f"{ext}-{tag}"
+    return proposed
+
+
+def label_conflicts(hashes: dict[str, str], files: Iterable[RawFile]) -> dict[str, str]:
+    """Raw paths whose content also appears under another class, with the reason."""
+    by_hash: dict[str, list[RawFile]] = defaultdict(list)
+    for f in files:
+        if f.label is not None and f.rel in hashes:
+            by_hash[hashes[f.rel]].append(f)
+    reasons: dict[str, str] = {}
+    for group in by_hash.values():
+        labels = sorted({f.label for f in group if f.label is not None})
+        if len(labels) > 1:
+            for f in group:
+                others = [g.rel for g in group if g.label != f.label]
+                reasons[f.rel] = (
+                    f"label conflict: identical image under classes {', '.join(labels)} "
+                    f"(also at {', '.join(others[:3])})"
+                )
+    return reasons
+
+
+def decide(files: list[RawFile], hashes: dict[str, str], errors: dict[str, str]) -> list[Outcome]:
+    """Turn hashes and decode errors into one outcome per raw file (pure)."""
+    conflicts = label_conflicts(hashes, (f for f in files if f.rel not in errors))
+    candidates = [f for f in files if f.skip_reason is None]
+    good = [f for f in candidates if f.label is not None and f.rel not in errors]
+    good = [f for f in good if f.rel not in conflicts]
+    good_set = {f.rel for f in good}
+    bad = [f for f in candidates if f.rel not in good_set]
+    processed_names = flat_names(good, ".jpg")
+    invalid_names = flat_names(bad, None)
+    outcomes = []
+    for f in files:
+        sha = hashes.get(f.rel, "")
+        folder = f.label if f.label is not None else UNLABELLED
+        if f.skip_reason is not None:
+            outcomes.append(Outcome(f, sha, "skipped", "", f.skip_reason))
+        elif f.rel in good_set:
+            outcomes.append(Outcome(f, sha, "processed", f"{folder}/{processed_names[f.rel]}", ""))
+        else:
+            reason = (
+                "not inside a class folder"
+                if f.label is None
+                else errors.get(f.rel) or conflicts[f.rel]
+            )
+            outcomes.append(Outcome(f, sha, "invalid", f"{folder}/{invalid_names[f.rel]}", reason))
+    return outcomes
+
+
+# --- the content cache -----------------------------------------------------------------
+
+
+def code_version() -> str:
+    """Hash of what decides processed bytes: this module, the decoder and Pillow."""
+    h = hashlib.sha256(PIL.__version__.encode())
+    for module_file in (imaging.__file__, __file__):
+        h.update(Path(module_file).read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Cache:
+    """Processed JPEG (``.jpg``) or invalid reason (``.err``) per content hash."""
+
+    folder: Path
+
+    def entry(self, sha: str, ext: str) -> Path:
+        return self.folder / sha[:2] / f"{sha}{ext}"
+
+    def lookup(self, sha: str) -> tuple[bool, str | None]:
+        """(found, invalid reason or None)."""
+        if self.entry(sha, ".jpg").is_file():
+            return True, None
+        err = self.entry(sha, ".err")
+        if err.is_file():
+            return True, err.read_text(encoding="utf-8")
+        return False, None
+
+    def store(self, sha: str, ext: str, blob: bytes) -> None:
+        target = self.entry(sha, ext)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(target)
+
+
+def process_bytes(data: bytes, options: DecodeOptions, quality: int) -> bytes:
+    """Decode, fit and re-encode one image (raises InvalidImage with the reason)."""
+    img = imaging.load_rgb(data, options)
+    return imaging.encode_jpeg(imaging.fit_square(img, options), quality)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Settings shared by every worker task."""
+
+    cache: Cache
+    options: DecodeOptions
+    quality: int
+
+
+def run_task(job: Job, path: str, known_sha: str | None) -> tuple[str, str, str | None, bool]:
+    """Worker: hash ``path``, then fill the cache for it. Returns (path, sha, error, decoded)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return path, known_sha or "", f"unreadable file: {exc.strerror or exc}", False
+    sha = hashlib.sha256(data).hexdigest()
+    found, error = job.cache.lookup(sha)
+    if found:
+        return path, sha, error, False
+    try:
+        job.cache.store(sha, ".jpg", process_bytes(data, job.options, job.quality))
+        return path, sha, None, True
+    except InvalidImage as exc:
+        error = str(exc)
+    except Exception as exc:  # any decoder failure quarantines the file, never the run
+        error = f"cannot decode: {type(exc).__name__}: {exc}"
+    job.cache.store(sha, ".err", error.encode())
+    return path, sha, error, True
+
+
+_JOB: Job | None = None
+
+
+def _init_worker(job: Job) -> None:
+    global _JOB
+    _JOB = job
+
+
+def _pool_task(args: tuple[str, str | None]) -> tuple[str, str, str | None, bool]:
+    assert _JOB is not None
+    return run_task(_JOB, *args)
+
+
+def run_tasks(
+    job: Job, tasks: list[tuple[str, str | None]], workers: int
+) -> Iterator[tuple[str, str, str | None, bool]]:
+    """Run tasks on a process pool (inline when small), yielding results as they finish."""
+    if workers <= 1 or len(tasks) < 32:
+        for task in tasks:
+            yield run_task(job, *task)
+        return
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    chunk = max(1, min(64, len(tasks) // (workers * 8)))
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+        yield from pool.imap_unordered(_pool_task, tasks, chunksize=chunk)
+
+
+# --- file hashes by stat, so an unchanged file is not even read -------------------------
+
+
+def load_stat_cache(path: Path) -> dict[str, list]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def save_stat_cache(path: Path, entries: dict[str, list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries, separators=(",", ":")), encoding="utf-8")
+    tmp.replace(path)
+
+
+@dataclass
+class Stats:
+    files: int = 0
+    decoded: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+
+
+def hash_and_process(
+    raw: Path, files: list[RawFile], job: Job, workers: int, stat_cache: dict[str, list]
+) -> tuple[dict[str, str], dict[str, str], Stats]:
+    """Hash every image candidate and make sure its result is in the cache.
+
+    Returns (sha by raw path, invalid reason by raw path, stats). Updates ``stat_cache``.
+    """
+    start = time.perf_counter()
+    hashes: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    stats = Stats(files=len(files))
+    tasks: list[tuple[str, str | None]] = []
+    fresh_stat: dict[str, list] = {}
+    for f in files:
+        if f.skip_reason is not None:
+            continue
+        path = raw / f.rel
+        st = path.stat()
+        key = [st.st_size, st.st_mtime_ns]
+        cached = stat_cache.get(f.rel)
+        sha = cached[2] if cached and cached[:2] == key else None
+        if sha is not None:
+            found, error = job.cache.lookup(sha)
+            if found:
+                hashes[f.rel] = sha
+                if error is not None:
+                    errors[f.rel] = error
+                fresh_stat[f.rel] = [*key, sha]
+                stats.cached += 1
+                continue
+        tasks.append((str(path), sha))
+        fresh_stat[f.rel] = key
+    rel_of = {str(raw / f.rel): f.rel for f in files}
+    bar = tqdm(total=len(tasks), desc="preprocess", unit="img", mininterval=0.5, disable=None)
+    with bar:
+        for path, sha, error, decoded in run_tasks(job, tasks, workers):
+            rel = rel_of[path]
+            hashes[rel] = sha
+            if error is not None:
+                errors[rel] = error
+            if sha:
+                fresh_stat[rel] = [*fresh_stat[rel][:2], sha]
+            stats.decoded += int(decoded)
+            stats.cached += int(not decoded)
+            bar.update()
+    stat_cache.clear()
+    stat_cache.update({k: v for k, v in fresh_stat.items() if len(v) == 3})
+    stats.seconds = time.perf_counter() - start
+    return hashes, errors, stats
+
+
+def write_outputs(
+    outcomes: list[Outcome], raw: Path, cache: Cache, processed: Path, invalid: Path
+) -> None:
+    """Fill fresh ``processed`` and ``invalid`` folders from the cache and the raw files."""
+    for folder in (processed, invalid):
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    for o in outcomes:
+        if o.status == "processed":
+            target = processed / o.output
+            source = cache.entry(o.sha256, ".jpg")
+        elif o.status == "invalid":
+            target = invalid / o.output
+            source = raw / o.raw.rel
+        else:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
+def write_manifest(
+    outcomes: list[Outcome], path: Path, raw: Path, processed: Path, invalid: Path, root: Path
+) -> None:
+    """One CSV row per raw file; paths relative to ``root`` when inside it."""
+
+    def rel(p: Path) -> str:
+        return p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(MANIFEST_FIELDS)
+        for o in outcomes:
+            base = {"processed": processed, "invalid": invalid}.get(o.status)
+            out = rel(base / o.output) if base is not None else ""
+            label = o.raw.label if o.raw.label is not None else ""
+            row = (rel(raw / o.raw.rel), label, o.raw.subclass, o.sha256, o.status, out, o.reason)
+            writer.writerow(row)
+
+
+def check_layout(raw: Path, outputs: Iterable[Path]) -> None:
+    """Refuse output folders inside the raw folder or around it (raw is never written)."""
+    raw = raw.resolve()
+    for out in outputs:
+        out = out.resolve()
+        if out == raw or out.is_relative_to(raw) or raw.is_relative_to(out):
+            raise ValueError(f"output {out} overlaps the raw data folder {raw}")
+
+
+def preprocess(
+    raw: Path,
+    processed: Path,
+    invalid: Path,
+    manifest: Path,
+    cache_dir: Path,
+    options: DecodeOptions,
+    quality: int,
+    workers: int,
+    root: Path,
+) -> tuple[list[Outcome], Stats]:
+    """Run the whole stage on explicit paths; returns the outcomes and timing stats."""
+    check_layout(raw, (processed, invalid, manifest, cache_dir))
+    files = scan_raw(raw)
+    settings = {**options.to_dict(), "quality": quality, "code": code_version()}
+    cache = Cache(cache_dir / "preprocess" / digest(settings))
+    stat_path = cache_dir / "preprocess" / "stat.json"
+    stat_cache = load_stat_cache(stat_path)
+    job = Job(cache, options, quality)
+    hashes, errors, stats = hash_and_process(raw, files, job, workers, stat_cache)
+    save_stat_cache(stat_path, stat_cache)
+    outcomes = decide(files, hashes, errors)
+    write_outputs(outcomes, raw, cache, processed, invalid)
+    write_manifest(outcomes, manifest, raw, processed, invalid, root)
+    return outcomes, stats
+
+
+def summarize(outcomes: list[Outcome]) -> dict[str, dict[str, int]]:
+    """Counts of outcomes per class: ``{class: {status: n}}``."""
+    table: dict[str, Counter] = defaultdict(Counter)
+    for o in outcomes:
+        table[o.raw.label if o.raw.label is not None else UNLABELLED][o.status] += 1
+    return {label: dict(sorted(c.items())) for label, c in sorted(table.items())}
+
+
+def main() -> int:
+    params = load_params()
+    setup_logging(params.get("base", {}).get("log_level", "INFO"))
+    cfg = section(params, "preprocess")
+    options = DecodeOptions.from_params(cfg)
+    workers = int(cfg.get("workers", 0)) or (os.cpu_count() or 1)
+    quality = int(cfg.get("jpeg_quality", 95))
+    if not 1 <= quality <= 100:
+        raise ValueError(f"preprocess.jpeg_quality must be 1-100, got {quality}")
+    outcomes, stats = preprocess(
+        PATHS.raw,
+        PATHS.processed,
+        PATHS.invalid,
+        PATHS.manifest,
+        PATHS.cache,
+        options,
+        quality,
+        workers,
+        PATHS.root,
+    )
+    for label, counts in summarize(outcomes).items():
+        log.info("class %-12s %s", label, ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    rate = stats.decoded / stats.seconds if stats.seconds and stats.decoded else 0.0
+    log.info(
+        "preprocess: %d file(s), %d decoded (%.0f images/s), %d from cache, %.2fs",
+        stats.files,
+        stats.decoded,
+        rate,
+        stats.cached,
+        stats.seconds,
+    )
+    for o in outcomes:
+        if o.status == "invalid":
+            log.warning("invalid: %s: %s", o.raw.rel, o.reason)
+    if not any(o.status == "processed" for o in outcomes):
+        log.error("no usable image under %s", PATHS.raw)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

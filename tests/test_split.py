@@ -1,0 +1,78 @@
+"""The split stage: stable, stratified, leak-free."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from stages.split import Item, assign, check_counts, count_by_class, side_of
+
+
+def items(n: int, label: str, start: int = 0) -> list[Item]:
+    out = []
+    for i in range(start, start + n):
+        sha = hashlib.sha256(f"{label}-{i}".encode()).hexdigest()
+        out.append(Item(f"data/processed/{label}/{i}.jpg", label, sha))
+    return out
+
+
+def sides_by_path(sides: dict[str, list[Item]]) -> dict[str, str]:
+    return {i.path: side for side, group in sides.items() for i in group}
+
+
+def test_adding_and_removing_images_never_moves_others():
+    base = items(600, "a") + items(300, "b")
+    before = sides_by_path(assign(base, 7, 0.3, 0.15))
+    grown = base[100:] + items(400, "a", start=1000)  # drop 100, add 400
+    after = sides_by_path(assign(grown, 7, 0.3, 0.15))
+    assert all(after[p] == before[p] for p in after if p in before)
+
+
+def test_identical_images_land_on_the_same_side():
+    sha = hashlib.sha256(b"same").hexdigest()
+    twins = [Item(f"data/processed/a/{i}.jpg", "a", sha) for i in range(20)]
+    sides = assign(twins + items(50, "a"), 1, 0.5, 0.2)
+    assert len({s for s, g in sides.items() for i in g if i.sha256 == sha}) == 1
+
+
+@pytest.mark.parametrize("test_size", [0.1, 0.3, 0.5])
+def test_each_class_matches_test_size_closely(test_size):
+    counts = count_by_class(assign(items(4000, "big") + items(1500, "small"), 3, test_size, 0.2))
+    for label, n in (("big", 4000), ("small", 1500)):
+        share = counts["test"][label] / n
+        sigma = (test_size * (1 - test_size) / n) ** 0.5
+        assert abs(share - test_size) < 4 * sigma, (label, share)
+        val_share = counts["val"][label] / (n - counts["test"][label])
+        assert abs(val_share - 0.2) < 0.04
+
+
+def test_seed_changes_the_split_and_is_deterministic():
+    data = items(500, "a")
+    assert assign(data, 1, 0.3, 0.1) == assign(list(reversed(data)), 1, 0.3, 0.1)
+    assert assign(data, 1, 0.3, 0.1) != assign(data, 2, 0.3, 0.1)
+
+
+def test_side_of_respects_bounds():
+    sha = hashlib.sha256(b"x").hexdigest()
+    assert side_of(sha, 0, 0.999999, 0.0) == "test"
+    assert side_of(sha, 0, 1e-9, 0.0) == "train"
+    assert side_of(sha, 0, 1e-9, 0.999999) == "val"
+
+
+@pytest.mark.parametrize(("test_size", "val_size"), [(0, 0.1), (1, 0.1), (0.3, 1.0), (0.3, -0.1)])
+def test_bad_fractions_are_refused(test_size, val_size):
+    with pytest.raises(ValueError, match="split"):
+        assign(items(10, "a"), 0, test_size, val_size)
+
+
+def test_counts_are_checked():
+    one_class = count_by_class(assign(items(50, "a"), 0, 0.3, 0.1))
+    with pytest.raises(ValueError, match="at least two classes"):
+        check_counts(one_class)
+    counts = {"train": {"a": 10, "b": 0}, "val": {"a": 1, "b": 1}, "test": {"a": 3, "b": 1}}
+    with pytest.raises(ValueError, match="b have no training image"):
+        check_counts(counts)
+    counts["train"]["b"] = 4
+    counts["test"]["b"] = 0
+    assert check_counts(counts) == ["class b has no test image"]
