@@ -6,7 +6,7 @@ the class ``safe`` and digits 7-9 the class ``sensitive`` (about 70/30, like the
 data), one subclass per digit, so moving ``sensitive/digit_7`` into ``safe/`` is a real
 relabel.
 
-Usage: ``python -m stages.sample [--raw DIR] [--per-digit N]``
+Usage: ``python -m stages.sample [--raw DIR] [--per-digit N] [--unless-user-data]``
 """
 
 from __future__ import annotations
@@ -96,11 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", type=Path, default=PATHS.raw, help="target folder")
     parser.add_argument("--per-digit", type=int, default=None, help="at most N images a digit")
+    parser.add_argument(
+        "--unless-user-data",
+        action="store_true",
+        help="when the folder holds your own data, leave it and exit 0 (for `make run`)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:
         written = write_sample(args.raw, args.per_digit)
     except ForeignDataError as exc:
+        if args.unless_user_data:
+            log.info("%s holds your own data: using it, not the sample", args.raw)
+            return 0
         log.error("%s", exc)
         return 2
     log.info("sample: %d file(s) written into %s", written, args.raw)

@@ -42,3 +42,18 @@ def test_refuses_a_folder_it_did_not_write(tmp_path: Path, rel: str):
         write_sample(tmp_path)
     assert own.read_bytes() == b"user data"
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [own]
+
+
+def test_cli_leaves_user_data_and_says_so(tmp_path: Path):
+    import subprocess
+    import sys
+
+    own = tmp_path / "cats" / "tabby" / "1.jpg"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"user data")
+    cmd = [sys.executable, "-m", "stages.sample", "--raw", str(tmp_path)]
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode == 2 and "left untouched" in refused.stderr
+    kept = subprocess.run([*cmd, "--unless-user-data"], capture_output=True, text=True)
+    assert kept.returncode == 0 and "your own data" in kept.stderr
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [own]

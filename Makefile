@@ -1,0 +1,35 @@
+# Self-documenting: `make help` lists the targets.
+PY ?= .venv/bin/python
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: ## create .venv with the exact pins of requirements.lock
+	python3.11 -m venv .venv
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+
+sample: ## write the bundled sample into data/raw (refuses a folder holding your data)
+	$(PY) -m stages.sample
+
+run: ## the whole pipeline: your data/raw, or the bundled sample when you have none
+	$(PY) -m stages.sample --unless-user-data
+	.venv/bin/dvc repro
+
+repro: ## run the DVC pipeline (only what changed)
+	.venv/bin/dvc repro
+
+test: ## lint + the whole test suite
+	$(PY) -m pytest
+
+lint: ## fix lint and format
+	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
+
+serve: ## serve the versioned model over HTTP, TCP 1235 and a web page
+	$(PY) serve/server.py
+
+bench: ## run the benchmarks, write benchmarks/RESULTS.md
+	$(PY) -m benchmarks
+
+.PHONY: help install sample run repro test lint serve bench
