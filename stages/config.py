@@ -29,6 +29,20 @@ class Paths:
     root: Path
 
     @property
+    def workspace(self) -> Path:
+        """The user's workspace, also from inside a queued experiment's temporary copy.
+
+        ``dvc exp run --queue`` runs stages in ``<workspace>/.dvc/tmp/exps/<tmpdir>/``;
+        shared stores (the preprocess cache, the default MLflow database) live in the
+        workspace so queued and workspace runs share them.
+        """
+        parts = self.root.parts
+        for i in range(len(parts) - 3):
+            if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+                return Path(*parts[:i])
+        return self.root
+
+    @property
     def params(self) -> Path:
         return self.root / "params.yaml"
 
@@ -77,7 +91,7 @@ class Paths:
     def cache(self) -> Path:
         """Work cache kept outside DVC outs (DVC deletes outs before a stage reruns)."""
         env = os.environ.get("IMGCLF_CACHE_DIR")
-        return Path(env) if env else self.root / ".cache"
+        return Path(env) if env else self.workspace / ".cache"
 
     def split_list(self, side: str) -> Path:
         """File list of one side of the split: ``train``, ``val`` or ``test``."""
