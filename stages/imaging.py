@@ -84,8 +84,8 @@ def _open(source: bytes | Path) -> Image.Image:
             return Image.open(fp)
     except UnidentifiedImageError:
         raise InvalidImage("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidImage(f"corrupt image header: {exc}") from None
+    except Exception as exc:  # hostile headers raise more than OSError
+        raise InvalidImage(f"corrupt image header: {type(exc).__name__}: {exc}") from None
 
 
 def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -116,35 +116,40 @@ def load_rgb(source: bytes | Path, options: DecodeOptions) -> Image.Image:
 
     Raises :class:`InvalidImage` with the reason for anything unusable: empty, not an image,
     a format not allowed, too many pixels (checked from the header, before decoding, so a
-    decompression bomb costs nothing), truncated or corrupt data.
+    decompression bomb costs nothing), truncated or corrupt data. Any other exception a
+    decoder raises on hostile bytes is turned into ``InvalidImage`` too, so one bad file
+    never stops a batch.
     """
     img = _open(source)
     try:
-        fmt = (img.format or "").upper()
-        if fmt not in options.formats:
-            raise InvalidImage(f"format {fmt or 'unknown'} is not allowed")
-        width, height = img.size
-        if width <= 0 or height <= 0:
-            raise InvalidImage(f"invalid dimensions {width}x{height}")
-        if width * height > options.max_pixels:
-            raise InvalidImage(
-                f"too many pixels ({width}x{height} = {width * height:,} > "
-                f"{options.max_pixels:,}): possible decompression bomb"
-            )
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)  # animated: the first frame
-        if fmt in ("JPEG", "MPO"):
-            # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 scale, never below size.
-            img.draft("RGB", (options.size, options.size))
-        try:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise InvalidImage(f"truncated or corrupt image: {exc}") from None
-        return _to_rgb(img, options.background)
+        return _decode(img, options)
     except InvalidImage:
         img.close()
         raise
+    except Exception as exc:  # Pillow plugins raise IndexError, struct.error... on fuzz
+        img.close()
+        raise InvalidImage(f"truncated or corrupt image: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(img: Image.Image, options: DecodeOptions) -> Image.Image:
+    fmt = (img.format or "").upper()
+    if fmt not in options.formats:
+        raise InvalidImage(f"format {fmt or 'unknown'} is not allowed")
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"invalid dimensions {width}x{height}")
+    if width * height > options.max_pixels:
+        raise InvalidImage(
+            f"too many pixels ({width}x{height} = {width * height:,} > "
+            f"{options.max_pixels:,}): possible decompression bomb"
+        )
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)  # animated: the first frame
+    if fmt in ("JPEG", "MPO"):
+        # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 scale, never below size.
+        img.draft("RGB", (options.size, options.size))
+    img.load()
+    return _to_rgb(ImageOps.exif_transpose(img), options.background)
 
 
 def fit_square(img: Image.Image, options: DecodeOptions) -> Image.Image:

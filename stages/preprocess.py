@@ -248,8 +248,6 @@ def run_task(job: Job, path: str, known_sha: str | None) -> tuple[str, str, str 
         return path, sha, None, True
     except InvalidImage as exc:
         error = str(exc)
-    except Exception as exc:  # any decoder failure quarantines the file, never the run
-        error = f"cannot decode: {type(exc).__name__}: {exc}"
     job.cache.store(sha, ".err", error.encode())
     return path, sha, error, True
 

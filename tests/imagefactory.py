@@ -97,6 +97,15 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+# 83 bytes found by fuzzing: Pillow's GIF plugin raises IndexError on it, not OSError.
+CRASHING_GIF = (
+    b"GIF89a\x14\x00\x14\x00\x81\x00\x00\xff\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    b'!\xf9\x04\x00\n\x00\x00\x00,\x00\x00\x00\x00\x1b\x00\x14\x00\x00\x08"\x00\x01\x08\x1cH'
+    b"\xb0\xa0\xc1\x83\x08\x9e*\\\xc8\xb0\xa1\xc3\x87\x10#J\x9cH\xb1\xa2\xc5\x8b\x183j\xdc"
+    b"\xfe1>\x00!\xf9\x04"
+)
+
+
 def write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

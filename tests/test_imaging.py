@@ -78,8 +78,9 @@ def test_alpha_uses_configured_background():
         (b"\xff\xd8\xff\xe0" + b"\x00" * 64, "not an image|corrupt"),
         (f.truncated_jpeg(), "truncated or corrupt"),
         (f.bomb_png(), "too many pixels"),
+        (f.CRASHING_GIF, "truncated or corrupt"),
     ],
-    ids=["empty", "text", "corrupt-jpeg", "truncated", "bomb"],
+    ids=["empty", "text", "corrupt-jpeg", "truncated", "bomb", "fuzzed-gif"],
 )
 def test_unusable_input_raises_with_reason(data, reason):
     with pytest.raises(InvalidImage, match=reason):
