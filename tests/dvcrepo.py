@@ -46,7 +46,8 @@ def python(repo: Path, *args: str, **kwargs):
 
 
 def make_repo(dest: Path, per_digit: int | None = 5) -> Path:
-    """Copy the project into ``dest``, ``git init`` + ``dvc init``, write the sample, commit."""
+    """Copy the project into ``dest``, ``git init`` + ``dvc init``, write the sample,
+    ``dvc add data/raw`` (as the README's run command does) and commit."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         src = PROJECT / name
@@ -61,6 +62,7 @@ def make_repo(dest: Path, per_digit: int | None = 5) -> Path:
     if per_digit is not None:
         args += ["--per-digit", str(per_digit)]
     python(dest, *args)
+    dvc(dest, "add", "-q", "data/raw")
     commit(dest, "initial")
     return dest
 

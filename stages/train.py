@@ -1,0 +1,323 @@
+"""Stage ``train``: fit the classifier on the split lists; write the model and its metadata.
+
+Input: ``data/split/{train,val}.csv`` (``path,label,sha256``; paths relative to the project
+root) read with ``tf.data`` (parallel JPEG decode, in-memory cache, prefetch). Class names
+are the sorted labels of the train list.
+
+Outputs: ``models/model.keras`` (uint8-range pixels in, softmax out; see ``stages.model``),
+``models/metadata.json``, the per-epoch history ``metrics/train/history.csv`` (a DVC plot)
+and ``metrics/train.json``. One MLflow run is created here (see ``stages.tracking``); its id
+goes into ``metadata.json`` for ``report`` to resume.
+
+Deterministic: seeds from ``base.seed`` and TF op determinism, so the same params and data
+give the same metrics on the same machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.config import PATHS, digest, load_params, section, setup_logging
+from stages.imaging import DecodeOptions
+
+log = logging.getLogger(__name__)
+
+HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
+TRAIN_SECTIONS = ("base", "preprocess", "split", "train", "mlflow")
+
+
+def read_list(path: Path) -> tuple[list[str], list[str]]:
+    """``(paths, labels)`` of a split list (paths as written: relative to the root)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"split list not found: {path} (run the split stage first)")
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return [r["path"] for r in rows], [r["label"] for r in rows]
+
+
+def encode_labels(labels: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
+    """Class indices of ``labels``; a label outside ``class_names`` is an error."""
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise ValueError(f"labels not among the training classes {list(class_names)}: {unknown}")
+    return np.array([index[label] for label in labels], dtype=np.int32)
+
+
+def class_weights(y: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
+    """``auto``: ``n / (k * n_c)`` per class (balanced); ``none``: no weighting."""
+    if mode == "none":
+        return None
+    if mode != "auto":
+        raise ValueError(f"train.class_weight must be auto or none, got {mode!r}")
+    counts = np.bincount(y, minlength=num_classes)
+    return {i: float(len(y) / (num_classes * c)) if c else 0.0 for i, c in enumerate(counts)}
+
+
+def data_hash(files: Sequence[Path]) -> str:
+    """SHA-256 over the split lists (they hold every image's content hash)."""
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def make_dataset(
+    paths: Sequence[str],
+    labels: np.ndarray,
+    image_size: int,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    cache: bool = True,
+):
+    """``tf.data`` pipeline of ``(float32 pixels 0-255, label)`` batches.
+
+    Decoding runs in parallel (deterministic order); ``cache`` keeps decoded uint8 images in
+    memory after the first pass; ``shuffle`` reshuffles each epoch from ``seed``.
+    """
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, dtype=np.int32)))
+
+    def load(path, label):
+        data = tf.io.read_file(path)
+        img = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+        return tf.ensure_shape(img, (image_size, image_size, 3)), label
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    if cache:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and TF seeds plus TF op determinism."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(int(seed))
+    tf.config.experimental.enable_op_determinism()
+
+
+def fit(
+    model,
+    train_ds,
+    val_ds,
+    cfg: dict[str, Any],
+    weights: dict[int, float] | None,
+    callbacks: Sequence[Any] = (),
+) -> list[dict[str, float]]:
+    """Phase 1 (head, or everything for a non-pretrained backbone), then the optional
+    fine-tune phase. Early stopping on ``val_loss`` with the best weights restored; a
+    fine-tune phase that does not beat phase 1 is undone. Returns one row per epoch.
+    """
+    import keras
+
+    from stages.model import BACKBONE_LAYER, compile_model, is_pretrained, unfreeze_top
+
+    def phase(name: str, lr: float, first: int, epochs: int) -> list[dict[str, float]]:
+        compile_model(model, lr)
+        stop = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=int(cfg["patience"]), restore_best_weights=True
+        )
+        hist = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=first + epochs,
+            initial_epoch=first,
+            class_weight=weights,
+            callbacks=[stop, *callbacks],
+            shuffle=False,  # the dataset shuffles itself (seeded)
+            verbose=2,
+        )
+        return [
+            {
+                "epoch": first + i + 1,
+                "phase": name,
+                **{k: float(v[i]) for k, v in hist.history.items()},
+                "lr": lr,
+            }
+            for i in range(len(hist.history["loss"]))
+        ]
+
+    rows = phase("train", float(cfg["learning_rate"]), 0, int(cfg["epochs"]))
+    ft_epochs = int(cfg.get("fine_tune_epochs") or 0)
+    backbone_is_frozen = cfg.get("backbone", "small_cnn") != "small_cnn" and is_pretrained(
+        cfg.get("weights", "none")
+    )
+    if ft_epochs > 0 and not backbone_is_frozen:
+        log.info("fine-tune skipped: the backbone was trained from the start (no frozen part)")
+    elif ft_epochs > 0:
+        best = min(r["val_loss"] for r in rows)
+        saved = model.get_weights()
+        n = unfreeze_top(model, int(cfg["fine_tune_layers"]))
+        log.info("fine-tune: %d layers of %s unfrozen", n, BACKBONE_LAYER)
+        ft = phase("fine_tune", float(cfg["fine_tune_learning_rate"]), len(rows), ft_epochs)
+        rows += ft
+        if min(r["val_loss"] for r in ft) >= best:
+            log.info("fine-tune did not improve val_loss (%.4f); phase-1 weights kept", best)
+            model.set_weights(saved)
+    return rows
+
+
+def best_row(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The epoch with the lowest ``val_loss`` (the weights kept)."""
+    return min(rows, key=lambda r: r["val_loss"])
+
+
+def write_history(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+            )
+
+
+def write_json(data: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    params = load_params()
+    base, cfg, pre = (
+        section(params, "base"),
+        section(params, "train"),
+        section(params, "preprocess"),
+    )
+    ml = params.get("mlflow") or {}
+    setup_logging(base.get("log_level", "INFO"))
+
+    import keras
+
+    from stages import tracking
+    from stages.model import build_model
+
+    seed = int(base["seed"])
+    seed_everything(seed)
+    decode = DecodeOptions.from_params(pre)
+    size = decode.size
+
+    lists = [PATHS.split_list(s) for s in ("train", "val", "test")]
+    train_paths, train_labels = read_list(lists[0])
+    val_paths, val_labels = read_list(lists[1])
+    if not train_paths or not val_paths:
+        raise ValueError("train and val lists must not be empty (val drives early stopping)")
+    class_names = sorted(set(train_labels))
+    y_train = encode_labels(train_labels, class_names)
+    y_val = encode_labels(val_labels, class_names)
+    weights = class_weights(y_train, len(class_names), str(cfg.get("class_weight", "auto")))
+    log.info("classes %s; %d train, %d val images", class_names, len(y_train), len(y_val))
+
+    root = str(PATHS.root)
+    batch = int(cfg["batch_size"])
+    train_ds = make_dataset(
+        [f"{root}/{p}" for p in train_paths], y_train, size, batch, shuffle=True, seed=seed
+    )
+    val_ds = make_dataset([f"{root}/{p}" for p in val_paths], y_val, size, batch)
+
+    dhash = data_hash(lists)
+    pdigest = digest({k: params.get(k) for k in TRAIN_SECTIONS})
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    run = tracking.Run.start(
+        tracking.tracking_uri(),
+        str(ml.get("experiment", "imgclf")),
+        key=f"{created}-{pdigest}",
+        pending_dir=PATHS.cache / "mlflow-pending",
+        run_name=str(ml.get("run_name") or "") or None,
+        tags={**tracking.run_tags(dhash, PATHS.root), "params_digest": pdigest},
+    )
+    run.log_params(tracking.flatten({k: params[k] for k in TRAIN_SECTIONS if k in params}))
+
+    class EpochLogger(keras.callbacks.Callback):
+        """Per-epoch metrics to MLflow as the training goes."""
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            run.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
+
+    model = build_model(
+        size,
+        len(class_names),
+        backbone=str(cfg.get("backbone", "small_cnn")),
+        weights=str(cfg.get("weights", "none")),
+        backbone_size=cfg.get("backbone_size"),
+        dropout=float(cfg.get("dropout", 0.0)),
+        augment=cfg.get("augment") or {},
+        cnn_filters=cfg.get("cnn_filters", (16, 32, 64)),
+        cnn_dense=int(cfg.get("cnn_dense", 64)),
+        seed=seed,
+    )
+    log.info("model %s: %d parameters", model.name, model.count_params())
+
+    start = time.perf_counter()
+    rows = fit(model, train_ds, val_ds, cfg, weights, callbacks=[EpochLogger()])
+    seconds = time.perf_counter() - start
+    best = best_row(rows)
+    speed = len(y_train) * len(rows) / seconds
+    log.info(
+        "trained %d epochs in %.1f s (%.0f images/s); best epoch %d: val_loss %.4f, "
+        "val_accuracy %.4f",
+        len(rows),
+        seconds,
+        speed,
+        best["epoch"],
+        best["val_loss"],
+        best["val_accuracy"],
+    )
+
+    PATHS.models.mkdir(parents=True, exist_ok=True)
+    model.save(PATHS.model_file)
+    write_history(rows, PATHS.metrics / "train" / "history.csv")
+    summary = {
+        "epochs": len(rows),
+        "best_epoch": int(best["epoch"]),
+        "val_loss": round(best["val_loss"], 6),
+        "val_accuracy": round(best["val_accuracy"], 6),
+    }
+    write_json(summary, PATHS.metrics / "train.json")
+    write_json(
+        {
+            "class_names": class_names,
+            "image_size": size,
+            "decode": decode.to_dict(),
+            "backbone": str(cfg.get("backbone", "small_cnn")),
+            "params_digest": pdigest,
+            "data_hash": dhash,
+            "mlflow_run_id": run.run_id if run.ok else None,
+            "created": created,
+        },
+        PATHS.model_metadata,
+    )
+    log.info("wrote %s and %s", PATHS.model_file, PATHS.model_metadata)
+
+    run.log_metrics(
+        {f"best_{k}": v for k, v in summary.items()}
+        | {"train_seconds": seconds, "train_images_per_second": speed}
+    )
+    run.log_artifact(PATHS.metrics / "train" / "history.csv", "train")
+    run.log_artifact(PATHS.model_metadata, "train")
+    run.end("FINISHED")
+    if not run.ok and ml.get("required"):
+        sys.exit(f"MLflow tracking failed and mlflow.required is set: {run.error}")
+
+
+if __name__ == "__main__":
+    main()
