@@ -15,6 +15,7 @@ sample: ## write the bundled sample into data/raw (refuses a folder holding your
 
 run: ## the whole pipeline: your data/raw, or the bundled sample when you have none
 	$(PY) -m stages.sample --unless-user-data
+	.venv/bin/dvc add -q data/raw
 	.venv/bin/dvc repro
 
 repro: ## run the DVC pipeline (only what changed)
