@@ -30,7 +30,8 @@ lint: ## fix lint and format
 serve: ## serve the versioned model over HTTP, TCP 1235 and a web page
 	$(PY) serve/server.py
 
-bench: ## run the benchmarks, write benchmarks/RESULTS.md
+bench: ## run the benchmarks (about 8 min), write benchmarks/RESULTS.md
+	$(PY) -m pip install -q --no-deps -r requirements-bench.lock
 	$(PY) -m benchmarks
 
 .PHONY: help install sample run repro test lint serve bench

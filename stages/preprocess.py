@@ -59,7 +59,7 @@ UNLABELLED = "_unlabelled"
 MANIFEST_FIELDS = ("raw_path", "class", "subclass", "sha256", "status", "output_path", "reason")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RawFile:
     """One file under the raw folder. ``label`` is None for files outside a class folder."""
 
@@ -79,7 +79,7 @@ class RawFile:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """Where one raw file ended up; ``output`` is relative to the output folder it lives in."""
 
@@ -228,28 +228,32 @@ def process_bytes(data: bytes, options: DecodeOptions, quality: int) -> bytes:
 class Job:
     """Settings shared by every worker task."""
 
+    raw: Path
     cache: Cache
     options: DecodeOptions
     quality: int
 
 
-def run_task(job: Job, path: str, known_sha: str | None) -> tuple[str, str, str | None, bool]:
-    """Worker: hash ``path``, then fill the cache for it. Returns (path, sha, error, decoded)."""
+def run_task(job: Job, rel: str, known_sha: str | None) -> tuple[str, str, str | None, bool]:
+    """Worker: hash one raw file, then fill the cache for it.
+
+    Returns ``(rel, sha, error, decoded)``.
+    """
     try:
-        data = Path(path).read_bytes()
+        data = (job.raw / rel).read_bytes()
     except OSError as exc:
-        return path, known_sha or "", f"unreadable file: {exc.strerror or exc}", False
+        return rel, known_sha or "", f"unreadable file: {exc.strerror or exc}", False
     sha = hashlib.sha256(data).hexdigest()
     found, error = job.cache.lookup(sha)
     if found:
-        return path, sha, error, False
+        return rel, sha, error, False
     try:
         job.cache.store(sha, ".jpg", process_bytes(data, job.options, job.quality))
-        return path, sha, None, True
+        return rel, sha, None, True
     except InvalidImage as exc:
         error = str(exc)
     job.cache.store(sha, ".err", error.encode())
-    return path, sha, error, True
+    return rel, sha, error, True
 
 
 _JOB: Job | None = None
@@ -305,7 +309,7 @@ class Stats:
 
 
 def hash_and_process(
-    raw: Path, files: list[RawFile], job: Job, workers: int, stat_cache: dict[str, list]
+    files: list[RawFile], job: Job, workers: int, stat_cache: dict[str, list]
 ) -> tuple[dict[str, str], dict[str, str], Stats]:
     """Hash every image candidate and make sure its result is in the cache.
 
@@ -320,8 +324,7 @@ def hash_and_process(
     for f in files:
         if f.skip_reason is not None:
             continue
-        path = raw / f.rel
-        st = path.stat()
+        st = (job.raw / f.rel).stat()
         key = [st.st_size, st.st_mtime_ns]
         cached = stat_cache.get(f.rel)
         sha = cached[2] if cached and cached[:2] == key else None
@@ -334,13 +337,11 @@ def hash_and_process(
                 fresh_stat[f.rel] = [*key, sha]
                 stats.cached += 1
                 continue
-        tasks.append((str(path), sha))
+        tasks.append((f.rel, sha))
         fresh_stat[f.rel] = key
-    rel_of = {str(raw / f.rel): f.rel for f in files}
     bar = tqdm(total=len(tasks), desc="preprocess", unit="img", mininterval=0.5, disable=None)
     with bar:
-        for path, sha, error, decoded in run_tasks(job, tasks, workers):
-            rel = rel_of[path]
+        for rel, sha, error, decoded in run_tasks(job, tasks, workers):
             hashes[rel] = sha
             if error is not None:
                 errors[rel] = error
@@ -423,8 +424,8 @@ def preprocess(
     cache = Cache(cache_dir / "preprocess" / digest(settings))
     stat_path = cache_dir / "preprocess" / "stat.json"
     stat_cache = load_stat_cache(stat_path)
-    job = Job(cache, options, quality)
-    hashes, errors, stats = hash_and_process(raw, files, job, workers, stat_cache)
+    job = Job(raw, cache, options, quality)
+    hashes, errors, stats = hash_and_process(files, job, workers, stat_cache)
     save_stat_cache(stat_path, stat_cache)
     outcomes = decide(files, hashes, errors)
     write_outputs(outcomes, raw, cache, processed, invalid)

@@ -114,12 +114,6 @@ def write_list(items: list[Item], path: Path) -> None:
         writer.writerows((i.path, i.label, i.sha256) for i in items)
 
 
-def read_list(path: Path) -> list[Item]:
-    """Read a split list written by this stage."""
-    with path.open(newline="", encoding="utf-8") as fh:
-        return [Item(r["path"], r["label"], r["sha256"]) for r in csv.DictReader(fh)]
-
-
 def format_counts(counts: dict[str, dict[str, int]]) -> str:
     """A small table of per-class counts for each side."""
     labels = list(counts["train"])

@@ -121,3 +121,21 @@ def test_fit_square_pad_keeps_everything_crop_fills(mode, corner):
 def test_bad_options_are_refused(kwargs):
     with pytest.raises(ValueError):
         DecodeOptions(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ["pad", "crop"])
+def test_box_reduction_of_large_images_matches_a_direct_resize(mode):
+    from PIL import ImageFilter, ImageOps
+
+    big = f.pattern(5, (64, 48)).resize((1600, 1200), Image.Resampling.BICUBIC)
+    big = big.filter(ImageFilter.GaussianBlur(2))
+    opts = DecodeOptions(size=100, mode=mode)
+    ours = np.asarray(fit_square(big, opts), dtype=np.float64)
+    if mode == "crop":
+        direct = ImageOps.fit(big, (100, 100), method=Image.Resampling.BICUBIC)
+    else:
+        direct = ImageOps.pad(
+            big, (100, 100), method=Image.Resampling.BICUBIC, color=opts.background
+        )
+    mse = np.mean((ours - np.asarray(direct, dtype=np.float64)) ** 2)
+    assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 35  # PSNR in dB

@@ -1,0 +1,88 @@
+"""Smoke test of the benchmark harness: a tiny run writes a well-formed results file.
+
+Benchmarks never fail the suite on their figures; this only checks that the harness runs
+and reports (sections, numeric ratios, "not run" for what was not selected).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+if str(PROJECT) not in sys.path:  # `benchmarks` is not an installed package
+    sys.path.insert(0, str(PROJECT))
+
+from benchmarks.__main__ import BENCHMARKS  # noqa: E402
+from benchmarks.common import Figure, Timing, repeat  # noqa: E402
+
+SECTIONS = [title for _, title, _ in BENCHMARKS]
+
+
+def test_figure_goal_checks():
+    up = Figure("throughput", "images/s", 12.0, 2.0, goal_value=6.0)
+    assert up.ratio == pytest.approx(6.0)
+    assert up.met is True
+    down = Figure("rerun", "s", 2.0, 10.0, goal_op="<=", goal_value=0.15)
+    assert down.met is False
+    diff = Figure("p50", "ms", 25.0, 18.0, goal_on="diff", goal_op="<=", goal_value=10.0)
+    assert diff.checked == pytest.approx(7.0)
+    assert diff.met is True
+    assert Figure("x", "s", None, 1.0, goal_value=1.0).met is None
+
+
+def test_repeat_takes_the_median_of_returned_values():
+    values = iter([3.0, 1.0, 2.0])
+    timing = repeat(lambda: next(values), 3)
+    assert timing.samples == [3.0, 1.0, 2.0]
+    assert timing.median == 2.0
+    assert Timing([5.0]).median == 5.0
+
+
+@pytest.mark.integration
+def test_quick_run_writes_results(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--only",
+            "preprocess,incremental,dvc",
+            "--out",
+            str(out),
+            "--corpus",
+            str(tmp_path / "corpus"),
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text(encoding="utf-8")
+    for heading in ("## Machine", "## Summary"):
+        assert heading in text
+    for i, title in enumerate(SECTIONS, 1):
+        assert f"## {i}. {title}" in text
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in text.splitlines()
+        if line.startswith("| ") and "|" in line[2:]
+    }
+    assert "CPU" in rows and "cores (usable)" in rows
+    summary = text.split("## Summary")[1].split("## 1.")[0].splitlines()
+    ratios = {}
+    for line in summary:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in SECTIONS and cells[4] not in ("", "n/a"):
+            ratios[cells[0]] = float(cells[4].replace(",", ""))
+    for title in ("Preprocess throughput", "Incremental rerun", "DVC overhead"):
+        assert title in ratios, f"no numeric ratio for {title}:\n{text}"
+        assert ratios[title] > 0
+    assert re.search(r"\| Serving \| not run: not selected", text)
