@@ -286,14 +286,15 @@ def run_tasks(
 # --- file hashes by stat, so an unchanged file is not even read -------------------------
 
 
-def load_stat_cache(path: Path) -> dict[str, list]:
+def load_json(path: Path) -> dict[str, list]:
+    """A JSON record kept in the cache folder ({} when missing or unreadable)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
 
-def save_stat_cache(path: Path, entries: dict[str, list]) -> None:
+def save_json(path: Path, entries: dict[str, list]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(entries, separators=(",", ":")), encoding="utf-8")
@@ -305,6 +306,7 @@ class Stats:
     files: int = 0
     decoded: int = 0
     cached: int = 0
+    written: int = 0
     seconds: float = 0.0
 
 
@@ -356,25 +358,64 @@ def hash_and_process(
     return hashes, errors, stats
 
 
-def write_outputs(
-    outcomes: list[Outcome], raw: Path, cache: Cache, processed: Path, invalid: Path
-) -> None:
-    """Fill fresh ``processed`` and ``invalid`` folders from the cache and the raw files."""
-    for folder in (processed, invalid):
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
+def sync_outputs(
+    outcomes: list[Outcome],
+    raw: Path,
+    cache: Cache,
+    processed: Path,
+    invalid: Path,
+    record_path: Path,
+) -> int:
+    """Make ``processed`` and ``invalid`` hold exactly the outcomes' files; return how many
+    files were written.
+
+    The folders are DVC outs with ``persist: true``, so they survive a rerun: a file whose
+    source and on-disk stat match the record of the last sync is left alone, every other
+    wanted file is (re)written, and any file no outcome wants is deleted. Writes go through
+    a temporary file and a rename, so a file DVC linked from its cache is replaced, never
+    written through.
+    """
+    wanted: dict[Path, tuple[Path, str]] = {}  # target -> (source, content tag)
     for o in outcomes:
         if o.status == "processed":
-            target = processed / o.output
-            source = cache.entry(o.sha256, ".jpg")
-        elif o.status == "invalid":
-            target = invalid / o.output
-            source = raw / o.raw.rel
-        else:
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+            tag = f"{cache.folder.name}/{o.sha256}"
+            wanted[processed / o.output] = (cache.entry(o.sha256, ".jpg"), tag)
+        elif o.status == "invalid":  # unreadable files have no hash: always rewritten
+            tag = f"raw/{o.sha256}" if o.sha256 else f"raw/unread/{time.time_ns()}"
+            wanted[invalid / o.output] = (raw / o.raw.rel, tag)
+    record = load_json(record_path)
+    fresh: dict[str, list] = {}
+    written = 0
+    for target, (source, tag) in wanted.items():
+        key = str(target)
+        try:
+            st = target.stat()
+            current = [tag, st.st_size, st.st_mtime_ns]
+        except FileNotFoundError:
+            current = None
+        if current is None or record.get(key) != current:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            try:
+                shutil.copyfile(source, tmp)
+            except OSError as exc:  # e.g. a raw file we may not read: listed, not copied
+                log.warning("cannot copy %s: %s", source, exc)
+                continue
+            tmp.replace(target)
+            st = target.stat()
+            current = [tag, st.st_size, st.st_mtime_ns]
+            written += 1
+        fresh[key] = current
+    for folder in (processed, invalid):
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted(folder.rglob("*"), reverse=True):  # children before parents
+            if path.is_dir():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif path not in wanted:
+                path.unlink()
+    save_json(record_path, fresh)
+    return written
 
 
 def write_manifest(
@@ -423,12 +464,13 @@ def preprocess(
     settings = {**options.to_dict(), "quality": quality, "code": code_version()}
     cache = Cache(cache_dir / "preprocess" / digest(settings))
     stat_path = cache_dir / "preprocess" / "stat.json"
-    stat_cache = load_stat_cache(stat_path)
+    stat_cache = load_json(stat_path)
     job = Job(raw, cache, options, quality)
     hashes, errors, stats = hash_and_process(files, job, workers, stat_cache)
-    save_stat_cache(stat_path, stat_cache)
+    save_json(stat_path, stat_cache)
     outcomes = decide(files, hashes, errors)
-    write_outputs(outcomes, raw, cache, processed, invalid)
+    record = cache_dir / "preprocess" / "outputs.json"
+    stats.written = sync_outputs(outcomes, raw, cache, processed, invalid, record)
     write_manifest(outcomes, manifest, raw, processed, invalid, root)
     return outcomes, stats
 
@@ -465,11 +507,13 @@ def main() -> int:
         log.info("class %-12s %s", label, ", ".join(f"{k}: {v}" for k, v in counts.items()))
     rate = stats.decoded / stats.seconds if stats.seconds and stats.decoded else 0.0
     log.info(
-        "preprocess: %d file(s), %d decoded (%.0f images/s), %d from cache, %.2fs",
+        "preprocess: %d file(s), %d decoded (%.0f images/s), %d from cache, %d output(s) "
+        "written, %.2fs",
         stats.files,
         stats.decoded,
         rate,
         stats.cached,
+        stats.written,
         stats.seconds,
     )
     for o in outcomes:

@@ -193,14 +193,41 @@ def test_rerun_decodes_nothing_unchanged_and_only_what_changed(tmp_path: Path):
     assert (first.decoded, first.cached) == (40, 0)
     before = snapshot(tmp_path / "data" / "processed")
     _, again = run(tmp_path, workers=2)
-    assert (again.decoded, again.cached) == (0, 40)
+    assert (again.decoded, again.cached, again.written) == (0, 40, 0)
     assert {k: v[0] for k, v in snapshot(tmp_path / "data" / "processed").items()} == {
         k: v[0] for k, v in before.items()
     }
     f.write(raw / "a" / "s" / "1.png", f.png(1000))  # one changed file
     f.write(raw / "b" / "s" / "new.png", f.png(1001))  # one new file
     _, third = run(tmp_path, workers=2)
-    assert (third.decoded, third.cached) == (2, 39)
+    assert (third.decoded, third.cached, third.written) == (2, 39, 2)
+
+
+def test_outputs_are_synced_not_rebuilt(tmp_path: Path):
+    raw = tmp_path / "data" / "raw"
+    for i in range(4):
+        f.write(raw / "a" / "s" / f"{i}.png", f.png(i))
+    f.write(raw / "a" / "s" / "bad.jpg", b"")
+    run(tmp_path)
+    processed = tmp_path / "data" / "processed" / "a"
+    kept = (processed / "s__1.jpg").stat().st_mtime_ns
+    (raw / "a" / "s" / "0.png").unlink()  # removed raw file: its output goes
+    (processed / "s__2.jpg").write_bytes(b"edited by hand")  # restored from the cache
+    (processed / "s__3.jpg").unlink()  # restored
+    (processed / "stray.jpg").write_bytes(b"x")  # not wanted: removed
+    (raw / "a" / "s" / "bad.jpg").write_bytes(f.png(9))  # now valid: leaves invalid/
+    _, stats = run(tmp_path)
+    assert stats.written == 3
+    assert sorted(p.name for p in processed.iterdir()) == [
+        "s__1.jpg",
+        "s__2.jpg",
+        "s__3.jpg",
+        "s__bad.jpg",
+    ]
+    assert (processed / "s__1.jpg").stat().st_mtime_ns == kept
+    with Image.open(processed / "s__2.jpg") as img:
+        assert img.size == (16, 16)
+    assert list((tmp_path / "data" / "invalid").rglob("*")) == []
 
 
 def test_moved_subclass_is_relabelled_without_decoding(tmp_path: Path):
