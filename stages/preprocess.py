@@ -73,7 +73,7 @@ class RawFile:
         name = self.rel.rsplit("/", 1)[-1]
         if name.startswith("."):
             return "hidden file"
-        suffix = Path(name).suffix.lower()
+        suffix = os.path.splitext(name)[1].lower()  # noqa: PTH122 - hot loop, plain str
         if suffix in SIDECAR_SUFFIXES:
             return f"sidecar file ({suffix}), not an image"
         return None
@@ -423,19 +423,21 @@ def write_manifest(
 ) -> None:
     """One CSV row per raw file; paths relative to ``root`` when inside it."""
 
-    def rel(p: Path) -> str:
-        return p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix()
+    def prefix(folder: Path) -> str:
+        shown = folder.relative_to(root) if folder.is_relative_to(root) else folder
+        return f"{shown.as_posix()}/"
 
+    raw_at, bases = prefix(raw), {"processed": prefix(processed), "invalid": prefix(invalid)}
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(MANIFEST_FIELDS)
         for o in outcomes:
-            base = {"processed": processed, "invalid": invalid}.get(o.status)
-            out = rel(base / o.output) if base is not None else ""
+            out = bases[o.status] + o.output if o.status in bases else ""
             label = o.raw.label if o.raw.label is not None else ""
-            row = (rel(raw / o.raw.rel), label, o.raw.subclass, o.sha256, o.status, out, o.reason)
-            writer.writerow(row)
+            writer.writerow(
+                (raw_at + o.raw.rel, label, o.raw.subclass, o.sha256, o.status, out, o.reason)
+            )
 
 
 def check_layout(raw: Path, outputs: Iterable[Path]) -> None:
