@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import multiprocessing
 import os
 import shutil
+import sqlite3
 import sys
 import time
 from collections import Counter, defaultdict
@@ -73,7 +73,7 @@ class RawFile:
         name = self.rel.rsplit("/", 1)[-1]
         if name.startswith("."):
             return "hidden file"
-        suffix = os.path.splitext(name)[1].lower()  # noqa: PTH122 - hot loop, plain str
+        suffix = os.path.splitext(name)[1].lower()
         if suffix in SIDECAR_SUFFIXES:
             return f"sidecar file ({suffix}), not an image"
         return None
@@ -283,22 +283,54 @@ def run_tasks(
         yield from pool.imap_unordered(_pool_task, tasks, chunksize=chunk)
 
 
-# --- file hashes by stat, so an unchanged file is not even read -------------------------
+# --- records kept between runs: file hashes by stat, and what the last sync wrote --------
 
 
-def load_json(path: Path) -> dict[str, list]:
-    """A JSON record kept in the cache folder ({} when missing or unreadable)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+class State:
+    """SQLite records in the cache folder, so memory does not grow with them and parallel
+    runs (queued experiments share the workspace cache) never corrupt them.
 
+    ``hashes``: raw file (absolute path, size, mtime) -> SHA-256, so an unchanged file is
+    not even read. ``outputs``: output file -> (content tag, size, mtime) of the last sync.
+    """
 
-def save_json(path: Path, entries: dict[str, list]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries, separators=(",", ":")), encoding="utf-8")
-    tmp.replace(path)
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=120)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS hashes "
+            "(path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, sha TEXT)"
+        )
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS outputs "
+            "(path TEXT PRIMARY KEY, tag TEXT, size INTEGER, mtime INTEGER)"
+        )
+
+    def known_sha(self, path: str, size: int, mtime: int) -> str | None:
+        row = self.db.execute(
+            "SELECT sha FROM hashes WHERE path = ? AND size = ? AND mtime = ?",
+            (path, size, mtime),
+        ).fetchone()
+        return row[0] if row else None
+
+    def remember_sha(self, path: str, size: int, mtime: int, sha: str) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?)", (path, size, mtime, sha)
+        )
+
+    def output_is(self, path: str, tag: str, size: int, mtime: int) -> bool:
+        row = self.db.execute("SELECT tag, size, mtime FROM outputs WHERE path = ?", (path,))
+        return row.fetchone() == (tag, size, mtime)
+
+    def remember_output(self, path: str, tag: str, size: int, mtime: int) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?)", (path, tag, size, mtime)
+        )
+
+    def close(self) -> None:
+        self.db.commit()
+        self.db.close()
 
 
 @dataclass
@@ -311,36 +343,34 @@ class Stats:
 
 
 def hash_and_process(
-    files: list[RawFile], job: Job, workers: int, stat_cache: dict[str, list]
+    files: list[RawFile], job: Job, workers: int, state: State
 ) -> tuple[dict[str, str], dict[str, str], Stats]:
     """Hash every image candidate and make sure its result is in the cache.
 
-    Returns (sha by raw path, invalid reason by raw path, stats). Updates ``stat_cache``.
+    Returns (sha by raw path, invalid reason by raw path, stats).
     """
     start = time.perf_counter()
     hashes: dict[str, str] = {}
     errors: dict[str, str] = {}
     stats = Stats(files=len(files))
     tasks: list[tuple[str, str | None]] = []
-    fresh_stat: dict[str, list] = {}
+    stat_of: dict[str, tuple[int, int]] = {}  # only files that go to a worker
     for f in files:
         if f.skip_reason is not None:
             continue
-        st = (job.raw / f.rel).stat()
-        key = [st.st_size, st.st_mtime_ns]
-        cached = stat_cache.get(f.rel)
-        sha = cached[2] if cached and cached[:2] == key else None
+        path = os.path.join(job.raw, f.rel)
+        st = os.stat(path)
+        sha = state.known_sha(path, st.st_size, st.st_mtime_ns)
         if sha is not None:
             found, error = job.cache.lookup(sha)
             if found:
                 hashes[f.rel] = sha
                 if error is not None:
                     errors[f.rel] = error
-                fresh_stat[f.rel] = [*key, sha]
                 stats.cached += 1
                 continue
         tasks.append((f.rel, sha))
-        fresh_stat[f.rel] = key
+        stat_of[f.rel] = (st.st_size, st.st_mtime_ns)
     bar = tqdm(total=len(tasks), desc="preprocess", unit="img", mininterval=0.5, disable=None)
     with bar:
         for rel, sha, error, decoded in run_tasks(job, tasks, workers):
@@ -348,12 +378,10 @@ def hash_and_process(
             if error is not None:
                 errors[rel] = error
             if sha:
-                fresh_stat[rel] = [*fresh_stat[rel][:2], sha]
+                state.remember_sha(os.path.join(job.raw, rel), *stat_of[rel], sha)
             stats.decoded += int(decoded)
             stats.cached += int(not decoded)
             bar.update()
-    stat_cache.clear()
-    stat_cache.update({k: v for k, v in fresh_stat.items() if len(v) == 3})
     stats.seconds = time.perf_counter() - start
     return hashes, errors, stats
 
@@ -364,7 +392,7 @@ def sync_outputs(
     cache: Cache,
     processed: Path,
     invalid: Path,
-    record_path: Path,
+    state: State,
 ) -> int:
     """Make ``processed`` and ``invalid`` hold exactly the outcomes' files; return how many
     files were written.
@@ -375,46 +403,46 @@ def sync_outputs(
     a temporary file and a rename, so a file DVC linked from its cache is replaced, never
     written through.
     """
-    wanted: dict[Path, tuple[Path, str]] = {}  # target -> (source, content tag)
+    wanted: set[str] = set()
+    written = 0
     for o in outcomes:
         if o.status == "processed":
+            target = os.path.join(processed, o.output)
+            source = cache.entry(o.sha256, ".jpg")
             tag = f"{cache.folder.name}/{o.sha256}"
-            wanted[processed / o.output] = (cache.entry(o.sha256, ".jpg"), tag)
         elif o.status == "invalid":  # unreadable files have no hash: always rewritten
+            target = os.path.join(invalid, o.output)
+            source = raw / o.raw.rel
             tag = f"raw/{o.sha256}" if o.sha256 else f"raw/unread/{time.time_ns()}"
-            wanted[invalid / o.output] = (raw / o.raw.rel, tag)
-    record = load_json(record_path)
-    fresh: dict[str, list] = {}
-    written = 0
-    for target, (source, tag) in wanted.items():
-        key = str(target)
+        else:
+            continue
+        wanted.add(target)
         try:
-            st = target.stat()
-            current = [tag, st.st_size, st.st_mtime_ns]
-        except FileNotFoundError:
-            current = None
-        if current is None or record.get(key) != current:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            try:
-                shutil.copyfile(source, tmp)
-            except OSError as exc:  # e.g. a raw file we may not read: listed, not copied
-                log.warning("cannot copy %s: %s", source, exc)
+            st = os.stat(target)
+            if state.output_is(target, tag, st.st_size, st.st_mtime_ns):
                 continue
-            tmp.replace(target)
-            st = target.stat()
-            current = [tag, st.st_size, st.st_mtime_ns]
-            written += 1
-        fresh[key] = current
+        except FileNotFoundError:
+            pass
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp"
+        try:
+            shutil.copyfile(source, tmp)
+        except OSError as exc:  # e.g. a raw file we may not read: listed, not copied
+            log.warning("cannot copy %s: %s", source, exc)
+            continue
+        os.replace(tmp, target)
+        st = os.stat(target)
+        state.remember_output(target, tag, st.st_size, st.st_mtime_ns)
+        written += 1
     for folder in (processed, invalid):
         folder.mkdir(parents=True, exist_ok=True)
-        for path in sorted(folder.rglob("*"), reverse=True):  # children before parents
-            if path.is_dir():
-                if not any(path.iterdir()):
-                    path.rmdir()
-            elif path not in wanted:
-                path.unlink()
-    save_json(record_path, fresh)
+        for dirpath, _, filenames in os.walk(folder, topdown=False):
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                if path not in wanted:
+                    os.unlink(path)
+            if dirpath != str(folder) and not os.listdir(dirpath):
+                os.rmdir(dirpath)
     return written
 
 
@@ -465,14 +493,15 @@ def preprocess(
     files = scan_raw(raw)
     settings = {**options.to_dict(), "quality": quality, "code": code_version()}
     cache = Cache(cache_dir / "preprocess" / digest(settings))
-    stat_path = cache_dir / "preprocess" / "stat.json"
-    stat_cache = load_json(stat_path)
-    job = Job(raw, cache, options, quality)
-    hashes, errors, stats = hash_and_process(files, job, workers, stat_cache)
-    save_json(stat_path, stat_cache)
-    outcomes = decide(files, hashes, errors)
-    record = cache_dir / "preprocess" / "outputs.json"
-    stats.written = sync_outputs(outcomes, raw, cache, processed, invalid, record)
+    state = State(cache_dir / "preprocess" / "state.sqlite")
+    try:
+        job = Job(raw, cache, options, quality)
+        hashes, errors, stats = hash_and_process(files, job, workers, state)
+        state.db.commit()
+        outcomes = decide(files, hashes, errors)
+        stats.written = sync_outputs(outcomes, raw, cache, processed, invalid, state)
+    finally:
+        state.close()
     write_manifest(outcomes, manifest, raw, processed, invalid, root)
     return outcomes, stats
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-COPIED = ("stages", "serve", "params.yaml", "dvc.yaml", ".gitignore")
+if str(PROJECT) not in sys.path:  # `benchmarks` is a folder of the repo, not a package
+    sys.path.insert(0, str(PROJECT))
+
+from benchmarks.common import copy_project  # noqa: E402 - the one project copier
 
 
 def env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -48,13 +50,7 @@ def python(repo: Path, *args: str, **kwargs):
 def make_repo(dest: Path, per_digit: int | None = 5) -> Path:
     """Copy the project into ``dest``, ``git init`` + ``dvc init``, write the sample,
     ``dvc add data/raw`` (as the README's run command does) and commit."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
-        src = PROJECT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
+    copy_project(dest)
     run(dest, "git", "init", "-q", "-b", "main")
     dvc(dest, "init", "-q")
     dvc(dest, "config", "core.autostage", "true")
