@@ -98,15 +98,17 @@ def scan_raw(raw: Path) -> list[RawFile]:
             "or run `python -m stages.sample` for the bundled sample)"
         )
     files: list[RawFile] = []
-    for dirpath, dirnames, filenames in os.walk(raw):
+    top = os.fspath(raw)
+    for dirpath, dirnames, filenames in os.walk(top):
         dirnames.sort()
+        folder = os.path.relpath(dirpath, top).replace(os.sep, "/")
+        parts = [] if folder == "." else folder.split("/")
+        # one shared string per class and subclass name, not one per file
+        label = sys.intern(parts[0]) if parts else None
+        subclass = sys.intern(parts[1]) if len(parts) > 1 else ""
         for name in sorted(filenames):
-            rel = (Path(dirpath) / name).relative_to(raw).as_posix()
-            parts = rel.split("/")
-            if len(parts) == 1:
-                files.append(RawFile(rel, None, ""))
-            else:
-                files.append(RawFile(rel, parts[0], parts[1] if len(parts) > 2 else ""))
+            rel = f"{folder}/{name}" if parts else name
+            files.append(RawFile(rel, label, subclass))
     return files
 
 
