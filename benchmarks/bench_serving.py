@@ -35,7 +35,17 @@ import httpx
 import numpy as np
 
 from benchmarks.artifact import write_model
-from benchmarks.common import PROJECT, Figure, Result, Settings, env, fmt, hot_spots, temp_dir
+from benchmarks.common import (
+    PROJECT,
+    Figure,
+    Result,
+    Settings,
+    env,
+    fmt,
+    hot_spots,
+    stop_process,
+    temp_dir,
+)
 from benchmarks.corpus import Corpus
 from stages.imaging import DecodeOptions, decode_array
 
@@ -136,12 +146,7 @@ def server(cmd: list[str], ready_url: str, log_path: Path, extra_env: dict[str, 
                 time.sleep(0.5)
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 def log_mlflow_model(model_file: Path, store: Path, example: np.ndarray) -> str:

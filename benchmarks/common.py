@@ -190,6 +190,18 @@ def dvc(repo: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     return run(repo, sys.executable, "-m", "dvc", *args, **kwargs)
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> int:
+    """SIGTERM ``proc``, SIGKILL it after ``timeout`` seconds; its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def hot_spots(
     cwd: Path, *args: str, pid: int | None = None, during: Callable[[], Any] | None = None
 ) -> str:

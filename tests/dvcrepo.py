@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
-if str(PROJECT) not in sys.path:  # `benchmarks` is a folder of the repo, not a package
-    sys.path.insert(0, str(PROJECT))
-
-from benchmarks.common import copy_project  # noqa: E402 - the one project copier
-
-
-def env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment whose ``python`` is the interpreter running the tests."""
-    out = dict(os.environ)
-    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
-    out.setdefault("GIT_AUTHOR_NAME", "test")
-    out.setdefault("GIT_AUTHOR_EMAIL", "test@example.com")
-    out.setdefault("GIT_COMMITTER_NAME", "test")
-    out.setdefault("GIT_COMMITTER_EMAIL", "test@example.com")
-    out["DVC_NO_ANALYTICS"] = "1"
-    out.update(extra or {})
-    return out
+from benchmarks.common import copy_project, env
 
 
 def run(repo: Path, *args: str, check: bool = True, extra_env: dict[str, str] | None = None):

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[1]
-if str(PROJECT) not in sys.path:  # `benchmarks` is not an installed package
-    sys.path.insert(0, str(PROJECT))
+from benchmarks.__main__ import BENCHMARKS
+from benchmarks.common import Figure, Timing, repeat
 
-from benchmarks.__main__ import BENCHMARKS  # noqa: E402
-from benchmarks.common import Figure, Timing, repeat  # noqa: E402
+PROJECT = Path(__file__).resolve().parents[1]
 
 SECTIONS = [title for _, title, _ in BENCHMARKS]
 

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 import imagefactory as f
+from benchmarks.common import stop_process
 from serve_fixtures import ServerProcess, make_model
 
 pytestmark = pytest.mark.integration
@@ -70,12 +71,7 @@ def browser(tmp_path):
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
         log.close()
 
 
