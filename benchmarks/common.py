@@ -23,7 +23,15 @@ log = logging.getLogger("benchmarks")
 
 PROJECT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
-COPIED = ("stages", "serve", "params.yaml", "dvc.yaml", ".gitignore", ".dvcignore")
+COPIED = (
+    "stages",
+    "serve",
+    "params.yaml",
+    "serve.yaml",
+    "dvc.yaml",
+    ".gitignore",
+    ".dvcignore",
+)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,10 @@ class Overloaded(RuntimeError):
     """The queue is full: answer 503 rather than pile up work."""
 
 
+class NotReady(RuntimeError):
+    """No model is loaded yet: answer 503 until it is."""
+
+
 @dataclass
 class _Item:
     predictor: Predictor

@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
-from serve.batching import Overloaded
+from serve.batching import NotReady, Overloaded
 from serve.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/readyz", summary="Readiness: model loaded and warmed")
+    @app.get("/readyz", summary="Readiness: a bundle loaded and warmed; last reload error")
     async def readyz() -> JSONResponse:
         if not service.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
@@ -183,26 +183,24 @@ def create_app(
         return JSONResponse(
             {
                 "status": "ready",
+                "bundle_md5": service.predictor.version["bundle_md5"],
                 "reloads": service.reloads,
+                "last_reload_error": service.last_reload_error,
                 "batches": batcher.batches,
                 "images": batcher.images,
             }
         )
 
-    @app.get("/version", summary="Served model: file hashes, DVC record, MLflow run, classes")
+    @app.get("/version", summary="Served bundle: md5, DVC record, gate, metrics, MLflow run")
     async def version() -> JSONResponse:
         if not service.ready:
             return _error(503, "model not loaded yet")
         predictor = service.predictor
-        op = predictor.operating_point
         return JSONResponse(
             {
                 **predictor.version,
-                "image_size": predictor.decode.size,
-                "operating_point": (
-                    {"positive_class": op.positive_class, "threshold": op.threshold} if op else None
-                ),
                 "loaded_at": predictor.loaded_at,
+                "last_reload_error": service.last_reload_error,
             }
         )
 
@@ -217,7 +215,7 @@ def create_app(
             return images
         try:
             results, predictor = await service.classify(list(images))
-        except Overloaded as exc:
+        except (Overloaded, NotReady) as exc:
             return _error(503, str(exc), **{"Retry-After": "1"})
         if all("error" in r for r in results):
             detail = "; ".join(f"{r['name']}: {r['error']}" for r in results)
@@ -226,7 +224,10 @@ def create_app(
         return JSONResponse(
             {
                 "results": results,
-                "model": {"md5": model["model_md5"], "mlflow_run_id": model["mlflow_run_id"]},
+                "model": {
+                    "bundle_md5": model["bundle_md5"],
+                    "mlflow_run_id": model["mlflow_run_id"],
+                },
             }
         )
 

@@ -45,9 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--image_source", "--image-source", required=True, type=Path)
     ap.add_argument("--recursive", action="store_true", help="also scan sub-folders")
     ap.add_argument(
-        "--model", default=str(PATHS.models), help="model folder or MLflow models:/name/version"
+        "--model",
+        default=str(PATHS.bundle),
+        help="bundle file (models/bundle.zip) or MLflow URI such as models:/imgclf@champion",
     )
-    ap.add_argument("--operating-point", type=Path, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--plain", action="store_true", help="only {path: {class: probability}}")
     ap.add_argument("--log-level", default="WARNING")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     paths = list_images(source, args.recursive)
     try:
-        predictor = Predictor.load(args.model, args.operating_point)
+        predictor = Predictor.load(args.model)
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2

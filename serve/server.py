@@ -1,10 +1,11 @@
 """One process serving the model over HTTP (FastAPI + uvicorn) and the origin's TCP protocol.
 
-Run from the project root: ``python serve/server.py`` (settings from the ``serve:`` section
-of ``params.yaml``; every flag overrides its param). The model is loaded and warmed once at
-start-up; ``kill -HUP <pid>`` or a change of ``model.keras``, ``metadata.json`` or
-``operating_point.json`` on disk (``dvc repro``, ``dvc checkout``) loads and warms the new
-model, then swaps it in without failing requests in flight.
+Run from the project root: ``python serve/server.py`` (settings from ``serve.yaml``, checked
+by the same schema as the pipeline's params; every key has a ``--flag`` that overrides it).
+The promoted bundle (``models/bundle.zip``) is loaded and warmed once at start-up;
+``kill -HUP <pid>`` or a new bundle on disk (``promote`` passing its gate, ``dvc checkout``)
+loads and warms the new one, then swaps it in without failing requests in flight. A reload
+that fails keeps the old bundle and shows in ``/readyz`` and ``/version``.
 """
 
 from __future__ import annotations
@@ -23,96 +24,52 @@ import logging
 import os
 import signal
 import socket
-from typing import Any
 
 import uvicorn
 
 from serve.http_app import create_app
 from serve.service import InferenceService, ServiceConfig
 from serve.tcp import TcpServer
-from stages.config import PATHS, load_params, setup_logging
+from stages.config import PATHS, load_serve, setup_logging, stage_main
+from stages.params import ServeSettings, validate
 
 log = logging.getLogger("serve.server")
 
-DEFAULTS: dict[str, Any] = {
-    "host": "127.0.0.1",
-    "http_port": 8000,
-    "tcp_port": 1235,
-    "scan_roots": ["data/"],
-    "max_body_bytes": 10 * 1024 * 1024,
-    "max_files": 32,
-    "max_pixels": 40_000_000,
-    "read_timeout": 10.0,
-    "max_batch": 32,
-    "batch_wait_ms": 0.0,
-    "queue_size": 256,
-    "decode_workers": 2,
-    "http_max_connections": 128,
-    "tcp_max_clients": 32,
-    "tcp_idle_timeout": 300.0,
-    "reload_poll_seconds": 2.0,
-}
-
-
-def serve_params(path: Path | None = None) -> dict[str, Any]:
-    """``DEFAULTS`` updated with the ``serve:`` section of ``params.yaml`` (if any)."""
-    params = dict(DEFAULTS)
-    try:
-        params.update(load_params(path).get("serve") or {})
-    except FileNotFoundError:
-        log.warning("no params.yaml: using built-in serving defaults")
-    return params
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Flags; each defaults to its ``serve:`` param."""
+    """Flags: one per ``serve.yaml`` key (``--http-port`` for ``http_port``), defaulting to
+    the file's value; the merged settings are checked by the schema again."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--params", type=Path, default=None)
+    pre.add_argument("--settings", type=Path, default=PATHS.serve_settings, help="serve.yaml")
     known, _ = pre.parse_known_args(argv)
-    p = serve_params(known.params)
+    settings = load_serve(known.settings)
     ap = argparse.ArgumentParser(description=__doc__, parents=[pre])
     ap.add_argument(
         "--model",
-        "--model-dir",
-        dest="model",
-        default=str(PATHS.models),
-        help="model folder (model.keras + metadata.json) or MLflow URI models:/name/version",
+        default=str(PATHS.bundle.relative_to(PATHS.root)),
+        help="bundle file (or a folder holding bundle.zip), or an MLflow URI such as "
+        "models:/imgclf@champion",
     )
-    ap.add_argument("--operating-point", type=Path, default=None, help="operating_point.json")
-    ap.add_argument("--host", default=p["host"], help="bind address (default loopback)")
-    ap.add_argument("--http-port", type=int, default=p["http_port"], help="0 = any free port")
-    ap.add_argument("--tcp-port", type=int, default=p["tcp_port"], help="0 = any free port")
-    ap.add_argument(
-        "--scan-root",
-        dest="scan_roots",
-        action="append",
-        type=Path,
-        default=None,
-        help="folder TCP clients may scan (repeatable; relative to the project root)",
-    )
-    ap.add_argument("--max-body-bytes", type=int, default=p["max_body_bytes"])
-    ap.add_argument("--max-files", type=int, default=p["max_files"], help="images per request")
-    ap.add_argument("--max-pixels", type=int, default=p["max_pixels"], help="per image")
-    ap.add_argument("--read-timeout", type=float, default=p["read_timeout"])
-    ap.add_argument("--max-batch", type=int, default=p["max_batch"], help="1 = no batching")
-    ap.add_argument("--batch-wait-ms", type=float, default=p["batch_wait_ms"])
-    ap.add_argument("--queue-size", type=int, default=p["queue_size"])
-    ap.add_argument("--decode-workers", type=int, default=p["decode_workers"])
-    ap.add_argument("--http-max-connections", type=int, default=p["http_max_connections"])
-    ap.add_argument("--tcp-max-clients", type=int, default=p["tcp_max_clients"])
-    ap.add_argument("--tcp-idle-timeout", type=float, default=p["tcp_idle_timeout"])
-    ap.add_argument(
-        "--reload-poll-seconds",
-        type=float,
-        default=p["reload_poll_seconds"],
-        help="0 disables watching the model files (SIGHUP still reloads)",
-    )
+    for name, spec in ServeSettings.model_fields.items():
+        default = getattr(settings, name)
+        if name == "scan_roots":
+            ap.add_argument(
+                "--scan-root", dest=name, action="append", default=None,
+                help=f"folder TCP clients may scan, repeatable (default {default})",
+            )  # fmt: skip
+        else:
+            kind = spec.annotation if spec.annotation in (int, float) else str
+            ap.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default)
     ap.add_argument("--ports-file", type=Path, default=None, help="write bound ports as JSON")
     ap.add_argument("--access-log", action="store_true")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    roots = args.scan_roots or [Path(r) for r in p["scan_roots"]]
-    args.scan_roots = [r if r.is_absolute() else PATHS.root / r for r in roots]
+    merged = {name: getattr(args, name) for name in ServeSettings.model_fields}
+    merged["scan_roots"] = merged["scan_roots"] or settings.scan_roots
+    args.settings = validate(merged, ServeSettings, f"{known.settings.name} with flags")
+    args.scan_roots = [
+        p if p.is_absolute() else PATHS.root / p for p in map(Path, args.settings.scan_roots)
+    ]
     return args
 
 
@@ -130,28 +87,28 @@ def _listen(host: str, port: int) -> socket.socket:
 
 async def run(args: argparse.Namespace) -> None:
     """Load the model, then serve HTTP and TCP until SIGINT/SIGTERM."""
+    s: ServeSettings = args.settings
     service = InferenceService(
         ServiceConfig(
             source=args.model,
-            operating_point=args.operating_point,
-            max_batch=args.max_batch,
-            batch_wait_ms=args.batch_wait_ms,
-            queue_size=args.queue_size,
-            decode_workers=args.decode_workers,
-            reload_poll_seconds=args.reload_poll_seconds,
-            max_pixels=args.max_pixels,
+            max_batch=s.max_batch,
+            batch_wait_ms=s.batch_wait_ms,
+            queue_size=s.queue_size,
+            decode_workers=s.decode_workers,
+            reload_poll_seconds=s.reload_poll_seconds,
+            max_pixels=s.max_pixels,
         )
     )
     await service.start()
-    tcp = TcpServer(service, args.scan_roots, args.tcp_idle_timeout, args.tcp_max_clients)
-    tcp_server = await tcp.start(args.host, args.tcp_port)
-    http_sock = _listen(args.host, args.http_port)
-    app = create_app(service, args.max_body_bytes, args.read_timeout, args.max_files)
+    tcp = TcpServer(service, args.scan_roots, s.tcp_idle_timeout, s.tcp_max_clients)
+    tcp_server = await tcp.start(s.host, s.tcp_port)
+    http_sock = _listen(s.host, s.http_port)
+    app = create_app(service, s.max_body_bytes, s.read_timeout, s.max_files)
     config = uvicorn.Config(
         app,
         log_config=None,
         access_log=args.access_log,
-        limit_concurrency=args.http_max_connections,
+        limit_concurrency=s.http_max_connections,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=10,
     )
@@ -173,9 +130,9 @@ async def run(args: argparse.Namespace) -> None:
     }
     log.info(
         "serving HTTP on http://%s:%d and TCP on %s:%d (scan roots: %s)",
-        args.host,
+        s.host,
         ports["http"],
-        args.host,
+        s.host,
         ports["tcp"],
         ", ".join(map(str, args.scan_roots)),
     )
@@ -194,6 +151,7 @@ async def run(args: argparse.Namespace) -> None:
         log.info("stopped")
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)

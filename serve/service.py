@@ -4,27 +4,23 @@ HTTP and TCP both call :meth:`InferenceService.classify`. It admits at most ``qu
 images at a time (more gets :class:`Overloaded`, i.e. 503, instead of a pile-up), decodes
 them on a small thread pool with the current model's decode options, and awaits the
 micro-batcher. Reloading loads and warms a new :class:`Predictor` off the event loop and
-then swaps one reference: requests already holding the old predictor finish on it.
+then swaps one reference: requests already holding the old predictor finish on it. A
+reload that fails keeps the old predictor and is reported (``last_reload_error``) until a
+later one succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.batching import MicroBatcher, Overloaded
-from serve.predictor import (
-    METADATA_FILE,
-    MODEL_FILE,
-    OPERATING_POINT_FILE,
-    Predictor,
-    default_operating_point,
-    is_uri,
-)
+from serve.batching import MicroBatcher, NotReady, Overloaded
+from serve.predictor import Predictor, bundle_path, is_uri
 from stages.imaging import InvalidImage
 
 log = logging.getLogger(__name__)
@@ -37,7 +33,6 @@ class ServiceConfig:
     """Knobs of the inference service (the ``serve:`` params)."""
 
     source: str
-    operating_point: Path | None = None
     max_batch: int = 32
     batch_wait_ms: float = 0.0
     queue_size: int = 256
@@ -71,6 +66,7 @@ class InferenceService:
         self._reload_lock = asyncio.Lock()
         self._signature: Signature | None = None
         self.reloads = 0
+        self.last_reload_error: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -80,13 +76,11 @@ class InferenceService:
     @property
     def predictor(self) -> Predictor:
         if self._predictor is None:
-            raise Overloaded("model not loaded yet")
+            raise NotReady("model not loaded yet")
         return self._predictor
 
     def _load(self) -> Predictor:
-        predictor = Predictor.load(
-            self.config.source, self.config.operating_point, self.config.max_pixels
-        )
+        predictor = Predictor.load(self.config.source, self.config.max_pixels)
         predictor.warm((1, self.config.max_batch))
         return predictor
 
@@ -96,7 +90,7 @@ class InferenceService:
         self._predictor = await asyncio.to_thread(self._load)
         self._signature = sig
         await self.batcher.start()
-        log.info("model ready: %s", self._predictor.version["model_md5"])
+        log.info("model ready: bundle md5 %s", self._predictor.version["bundle_md5"])
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -104,16 +98,8 @@ class InferenceService:
 
     # --------------------------------------------------------------- reload
     def _watched(self) -> tuple[Path, ...]:
-        """Model, metadata and operating-point files, looked up afresh on every poll."""
-        model_dir = Path(self.config.source)
-        if model_dir.is_file():
-            model_dir = model_dir.parent
-        op = (
-            self.config.operating_point
-            or default_operating_point(model_dir)
-            or model_dir / OPERATING_POINT_FILE
-        )
-        return (model_dir / MODEL_FILE, model_dir / METADATA_FILE, op)
+        """The bundle file: the only file a model is loaded from."""
+        return (bundle_path(self.config.source),)
 
     def _current_signature(self) -> Signature | None:
         return None if is_uri(self.config.source) else file_signature(self._watched())
@@ -127,15 +113,21 @@ class InferenceService:
                 new = await asyncio.to_thread(self._load)
             except Exception as exc:  # whatever went wrong, keep serving the old model
                 log.error("reload failed, still serving the previous model: %s", exc)
-                self._signature = sig  # do not retry until the files change again
+                self._signature = sig  # do not retry until the file changes again
+                self.last_reload_error = {
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "reason": reason,
+                    "error": str(exc),
+                }
                 return False
             old, self._predictor = self._predictor, new  # atomic swap
             self._signature = sig
             self.reloads += 1
+            self.last_reload_error = None
             log.info(
                 "model swapped: %s -> %s",
-                old.version["model_md5"] if old else None,
-                new.version["model_md5"],
+                old.version["bundle_md5"] if old else None,
+                new.version["bundle_md5"],
             )
             return True
 
@@ -147,7 +139,7 @@ class InferenceService:
         while True:
             await asyncio.sleep(self.config.reload_poll_seconds)
             sig = file_signature(self._watched())
-            if sig == self._signature or sig[0] is None or sig[1] is None:
+            if sig == self._signature or sig[0] is None:
                 seen = None
                 continue
             if sig == seen:  # unchanged since the last poll: the write has finished

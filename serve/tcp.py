@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from serve.batching import Overloaded
+from serve.batching import NotReady, Overloaded
 from serve.output import TIME_KEY, origin_document
 from serve.service import InferenceService
 from stages.config import PATHS
@@ -161,7 +161,7 @@ class TcpServer:
             answers = await self._classify(items)
         except PathRefused as exc:
             return f"{head}> Error: {exc}\n".encode()
-        except Overloaded as exc:
+        except (Overloaded, NotReady) as exc:
             return f"{head}> Error: {exc}, try again\n".encode()
         except OSError as exc:  # e.g. a folder we may not read
             return f"{head}> Error: cannot read {text}: {exc.strerror or exc}\n".encode()

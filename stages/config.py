@@ -7,15 +7,19 @@ stages work the same in the workspace and in the temporary copies that
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from stages.params import Params, ParamsError, ServeSettings, load_serve_settings
+from stages.params import load_params as _load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,24 +71,42 @@ class Paths:
         return self.root / "data" / "split"
 
     @property
+    def serve_settings(self) -> Path:
+        return self.root / "serve.yaml"
+
+    @property
     def models(self) -> Path:
         return self.root / "models"
 
     @property
+    def candidate(self) -> Path:
+        """What ``train`` writes and ``report`` judges; never served."""
+        return self.models / "candidate"
+
+    @property
     def model_file(self) -> Path:
-        return self.models / "model.keras"
+        return self.candidate / "model.keras"
 
     @property
     def model_metadata(self) -> Path:
-        return self.models / "metadata.json"
+        return self.candidate / "metadata.json"
+
+    @property
+    def bundle(self) -> Path:
+        """The promoted, self-contained model bundle: the only thing serving loads."""
+        return self.models / "bundle.zip"
 
     @property
     def metrics(self) -> Path:
         return self.root / "metrics"
 
     @property
+    def test_metrics(self) -> Path:
+        return self.metrics / "test.json"
+
+    @property
     def operating_point(self) -> Path:
-        """Threshold chosen by ``report``; serving reads it beside the model."""
+        """Threshold chosen by ``report``; ``promote`` puts it into the bundle."""
         return self.metrics / "operating_point.json"
 
     @property
@@ -101,27 +123,18 @@ class Paths:
 PATHS = Paths(ROOT)
 
 
-def load_params(path: Path | None = None) -> dict[str, Any]:
-    """Read ``params.yaml`` (or ``path``) into a dict; a missing file is a clear error."""
-    path = path or PATHS.params
-    if not path.is_file():
-        raise FileNotFoundError(f"params file not found: {path}")
-    with path.open(encoding="utf-8") as fh:
-        params = yaml.safe_load(fh) or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"{path} must hold a mapping of sections, got {type(params).__name__}")
-    return params
+class StageError(RuntimeError):
+    """A stage cannot go on; the message is one line saying what is wrong and what to do."""
 
 
-def section(params: dict[str, Any], name: str) -> dict[str, Any]:
-    """One section of the params, with a clear error when it is missing."""
-    try:
-        value = params[name]
-    except KeyError:
-        raise KeyError(f"params.yaml has no '{name}' section") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"params.yaml section '{name}' must be a mapping")
-    return value
+def load_params(path: Path | None = None) -> Params:
+    """``params.yaml`` (or ``path``), checked against the schema and the raw class folders."""
+    return _load_params(path or PATHS.params, PATHS.raw)
+
+
+def load_serve(path: Path | None = None) -> ServeSettings:
+    """``serve.yaml`` (or ``path``), checked against the schema."""
+    return load_serve_settings(path or PATHS.serve_settings)
 
 
 def digest(value: Any) -> str:
@@ -131,5 +144,48 @@ def digest(value: Any) -> str:
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """Configure root logging once for a CLI entry point."""
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    """Configure root logging once for a CLI entry point.
+
+    TensorFlow's C++ start-up lines (oneDNN, CPU features, absl) are shown only at DEBUG;
+    this must run before TensorFlow is imported.
+    """
+    level = level.upper()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if level == "DEBUG" else "3")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "0" if level == "DEBUG" else "3")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    if level != "DEBUG":
+        for noisy in ("tensorflow", "absl", "h5py", "PIL", "matplotlib"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def import_tensorflow() -> Any:
+    """Import TensorFlow (and Keras) with its C++ start-up lines (absl, oneDNN), which
+    ignore ``TF_CPP_MIN_LOG_LEVEL``, kept off the terminal: they are logged at DEBUG."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    from stages.capture import CapturedStderr
+
+    with CapturedStderr() as said:
+        import keras  # noqa: F401  (Keras 3 imports TensorFlow, its backend)
+        import tensorflow as tf
+    if said.text:
+        logging.getLogger("tensorflow").debug("start-up: %s", said.text)
+    return tf
+
+
+def stage_main(fn: Callable[..., int | None]) -> Callable[..., int]:
+    """Entry point of a stage or CLI: a bad param or a :class:`StageError` ends it with one
+    ``error:`` line on stderr and exit status 2 (params) or 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return int(fn(*args, **kwargs) or 0)
+        except ParamsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except StageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return wrapper

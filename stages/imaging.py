@@ -1,7 +1,11 @@
-"""Image decoding and validation shared by ``preprocess`` and serving.
+"""Image decoding and validation shared by ``preprocess``, training and serving.
 
-Both sides call :func:`load_rgb` then :func:`fit_square`, so what the model sees at serving
-time is prepared exactly as its training images were.
+``preprocess`` turns a raw file into the stored JPEG with :func:`load_rgb`,
+:func:`fit_square` and :func:`encode_jpeg`; training reads that JPEG back with
+:func:`decode_stored_jpeg`. Serving runs the very same chain on an upload
+(:func:`serving_input`: decode, fit, encode at the same quality, decode with the same
+TensorFlow op), so the tensor the model gets for a raw file is bit-for-bit the one it was
+trained on for that file.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -20,8 +25,14 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # the limit is the one in params.yaml, not a process-wide setting.
 Image.MAX_IMAGE_PIXELS = None
 
+if TYPE_CHECKING:
+    from stages.params import Preprocess
+
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+# A fitted image whose every channel has a standard deviation below this (on 0-255) is
+# near-uniform: kept, but flagged ``blank`` (a lens cap, an empty scan, a failed export).
+BLANK_MAX_STD = 2.0
 
 
 class InvalidImage(ValueError):
@@ -37,6 +48,7 @@ class DecodeOptions:
     background: tuple[int, int, int] = (255, 255, 255)
     max_pixels: int = 89_478_485
     formats: tuple[str, ...] = DEFAULT_FORMATS
+    jpeg_quality: int = 95  # of the stored training JPEG, and of serving's round trip
 
     def __post_init__(self) -> None:
         if self.mode not in ("pad", "crop"):
@@ -49,23 +61,30 @@ class DecodeOptions:
             raise ValueError("max_pixels must be positive")
 
     @classmethod
-    def from_params(cls, section: dict) -> DecodeOptions:
-        """Build from the ``preprocess`` section of ``params.yaml`` (unknown keys ignored)."""
+    def from_params(cls, params: Preprocess) -> DecodeOptions:
+        """From the (validated) ``preprocess`` params."""
+        return cls.from_dict(params.model_dump())
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DecodeOptions:
+        """From :meth:`to_dict`'s shape (as stored in a model bundle); other keys ignored."""
         return cls(
-            size=int(section.get("size", cls.size)),
-            mode=str(section.get("mode", cls.mode)),
-            background=tuple(int(c) for c in section.get("background", cls.background)),
-            max_pixels=int(section.get("max_pixels", cls.max_pixels)),
-            formats=tuple(str(f).upper() for f in section.get("formats", DEFAULT_FORMATS)),
+            size=int(values["size"]),
+            mode=str(values["mode"]),
+            background=tuple(int(c) for c in values["background"]),
+            max_pixels=int(values["max_pixels"]),
+            formats=tuple(str(f).upper() for f in values["formats"]),
+            jpeg_quality=int(values["jpeg_quality"]),
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "size": self.size,
             "mode": self.mode,
             "background": list(self.background),
             "max_pixels": self.max_pixels,
             "formats": list(self.formats),
+            "jpeg_quality": self.jpeg_quality,
         }
 
 
@@ -160,19 +179,64 @@ def fit_square(img: Image.Image, options: DecodeOptions) -> Image.Image:
     target (Pillow's ``reducing_gap`` idea): the bicubic pass then works on a small image,
     at no visible cost (a PNG or an undrafted decode is often 8x or more too large).
     """
+    return fit_square_content(img, options)[0]
+
+
+def fit_square_content(img: Image.Image, options: DecodeOptions) -> tuple[Image.Image, Image.Image]:
+    """:func:`fit_square`, plus the part of its result that is picture, not padding.
+
+    In ``pad`` mode the picture is the resized image before the background is added
+    (``ImageOps.pad`` is ``contain`` then paste, so padding the contained image gives the
+    same pixels); in ``crop`` mode it is the whole fitted image.
+    """
     size = (options.size, options.size)
     side = min(img.size) if options.mode == "crop" else max(img.size)
     factor = side // (2 * options.size)
     if factor >= 2:
         img = img.reduce(factor)
     if options.mode == "crop":
-        return ImageOps.fit(img, size, method=Image.Resampling.BICUBIC)
-    return ImageOps.pad(img, size, method=Image.Resampling.BICUBIC, color=options.background)
+        fitted = ImageOps.fit(img, size, method=Image.Resampling.BICUBIC)
+        return fitted, fitted
+    content = ImageOps.contain(img, size, method=Image.Resampling.BICUBIC)
+    fitted = ImageOps.pad(content, size, method=Image.Resampling.BICUBIC, color=options.background)
+    return fitted, content
+
+
+def is_blank(img: Image.Image, max_std: float = BLANK_MAX_STD) -> bool:
+    """True when every channel of ``img`` has a standard deviation below ``max_std``.
+
+    Computed from Pillow's per-band histogram (no pixel copy, the same cost at any size).
+    An image without pixels is blank.
+    """
+    if img.width == 0 or img.height == 0:
+        return True
+    hist = np.asarray(img.histogram(), dtype=np.float64).reshape(-1, 256)
+    levels = np.arange(256, dtype=np.float64)
+    count = hist.sum(axis=1)
+    mean = hist @ levels / count
+    variance = np.maximum(hist @ (levels * levels) / count - mean * mean, 0.0)
+    return bool(np.sqrt(variance).max() < max_std)
 
 
 def decode_array(source: bytes | Path, options: DecodeOptions) -> np.ndarray:
-    """Decode and fit ``source`` into a ``(size, size, 3)`` uint8 array (serving's input)."""
+    """Decode and fit ``source`` into a ``(size, size, 3)`` uint8 array (before the JPEG
+    round trip that training and serving share; see :func:`serving_input`)."""
     return np.asarray(fit_square(load_rgb(source, options), options), dtype=np.uint8)
+
+
+def decode_stored_jpeg(data: Any) -> Any:
+    """The stored JPEG's pixels as a uint8 tensor: the one decoder training and serving
+    share (TensorFlow's, exact integer IDCT). Works eagerly and inside ``tf.data``."""
+    import tensorflow as tf
+
+    return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+
+
+def serving_input(source: bytes | Path, options: DecodeOptions) -> np.ndarray:
+    """The ``(size, size, 3)`` uint8 pixels the model gets for a raw file: exactly what
+    training read for it (decode, fit, JPEG at ``options.jpeg_quality``, decode)."""
+    stored = encode_jpeg(fit_square(load_rgb(source, options), options), options.jpeg_quality)
+    return np.asarray(decode_stored_jpeg(stored))
 
 
 def encode_jpeg(img: Image.Image, quality: int) -> bytes:

@@ -1,22 +1,22 @@
-"""Stage ``report``: evaluate the model on the test split; choose the operating threshold.
+"""Stage ``report``: judge the candidate on the test split; choose the operating threshold.
 
 Predictions are streamed in batches (``tf.data`` + ``model.predict``); only the scores are
-kept, never the images. Outputs (all under ``metrics/``):
+kept, never the images. Serving decides at a threshold, so the report does too:
 
-- ``test.json``: accuracy, macro F1, per-class precision/recall/F1/support, ROC AUC, PR AUC;
-- ``operating_point.json``: the score threshold of ``report.positive_class`` reaching
+- ``operating_point.json``: the score threshold of the positive class reaching
   ``report.target_recall`` on the *val* split, and the precision/recall it gives on val and
-  test (serving reads it beside the model);
-- ``report/confusion_matrix.png`` (counts and row-normalised) and
-  ``report/classification_report.txt`` (scikit-learn format);
-- plots: ``plots/predictions.csv`` (actual/predicted, DVC's confusion template),
-  ``plots/roc.csv``, ``plots/pr.csv``.
+  test. The positive class is ``report.positive_class``, or when null the rarest class of
+  the training data (the log says which);
+- ``test.json``: at the operating threshold (what serving answers): accuracy, macro F1,
+  per-class precision/recall/F1/support; threshold-free ROC AUC and PR AUC; and under
+  ``argmax`` the same figures for the plain top class, for comparison;
+- ``report/confusion_matrix.png`` (both rules, counts and row-normalised, each labelled) and
+  ``report/classification_report.txt`` (scikit-learn format, both rules, labelled);
+- plots: ``plots/predictions.csv`` (actual / predicted at the threshold, DVC's confusion
+  template), ``plots/roc.csv``, ``plots/pr.csv``.
 
-Quality gate: with ``report.min_accuracy`` set, a lower test accuracy fails the stage
-(after writing the outputs above, for inspection) and the model is not registered.
-MLflow: resumes the run ``train`` created (id in ``models/metadata.json``), logs params,
-test metrics, artifacts and the model with its signature, then registers it under
-``mlflow.registered_model`` when the gate passes.
+The quality gate is the next stage's (``promote``). MLflow: resumes the run ``train``
+created and logs the report params, test metrics and report files.
 """
 
 from __future__ import annotations
@@ -43,7 +43,14 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from stages.config import PATHS, digest, load_params, section, setup_logging
+from stages.config import (
+    PATHS,
+    StageError,
+    import_tensorflow,
+    load_params,
+    setup_logging,
+    stage_main,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +60,44 @@ def _num(value: float) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), 6)
 
 
+def choose_positive(named: str | None, class_counts: dict[str, int]) -> tuple[str, str]:
+    """The positive class and why: ``named`` when set, else the rarest class in training
+    (ties: the last name in sort order). A named class that is not a class is an error."""
+    if named is not None:
+        if named not in class_counts:
+            raise StageError(
+                f"report.positive_class {named!r} is not a class of the candidate: "
+                f"{sorted(class_counts)}"
+            )
+        return named, "report.positive_class"
+    rarest = min(sorted(class_counts, reverse=True), key=class_counts.__getitem__)
+    total = sum(class_counts.values())
+    why = f"the rarest class ({class_counts[rarest]} of {total} training images)"
+    return rarest, why
+
+
+def decide(probs: np.ndarray, positive: int, threshold: float) -> np.ndarray:
+    """Class index per row as serving decides: ``positive`` when its score reaches the
+    threshold, else the most probable other class."""
+    others = probs.copy()
+    others[:, positive] = -1.0
+    return np.where(probs[:, positive] >= threshold, positive, others.argmax(axis=1))
+
+
 def compute_metrics(
-    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], positive: str
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    positive: str,
 ) -> dict[str, Any]:
-    """Accuracy, macro F1, per-class P/R/F1, ROC AUC and PR AUC.
+    """Accuracy, macro F1 and per-class P/R/F1 of the decisions ``y_pred``; ROC AUC and PR
+    AUC of the scores ``probs``.
 
     Two classes: the AUCs are of ``positive``'s score; more: macro one-vs-rest. An AUC that is
     undefined (a class absent from ``y_true``) is ``None``.
     """
     k = len(class_names)
-    y_pred = probs.argmax(axis=1)
     labels = list(range(k))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     onehot = np.eye(k)[y_true]
@@ -157,38 +192,28 @@ def curve_rows(is_positive: np.ndarray, scores: np.ndarray) -> tuple[list[dict],
     return roc, pr
 
 
-def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path) -> None:
-    """Counts and row-normalised confusion matrices side by side, labelled."""
+def plot_confusion(matrices: dict[str, np.ndarray], class_names: Sequence[str], path: Path) -> None:
+    """One row per decision rule (its name is the row's title): counts and row-normalised
+    confusion matrices, drawn with scikit-learn's ``ConfusionMatrixDisplay``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
 
-    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     k = len(class_names)
     side = max(4.0, 0.6 * k + 2.5)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
-    for ax, data, title, fmt in (
-        (axes[0], cm, "counts", "{:d}"),
-        (axes[1], norm, "normalised by true class", "{:.2f}"),
-    ):
-        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        ax.set_title(title)
-        ax.set_xticks(range(k), class_names, rotation=45, ha="right")
-        ax.set_yticks(range(k), class_names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("actual")
-        for i in range(k):
-            for j in range(k):
-                value = int(data[i, j]) if fmt == "{:d}" else float(data[i, j])
-                ax.text(
-                    j,
-                    i,
-                    fmt.format(value),
-                    ha="center",
-                    va="center",
-                    color="white" if norm[i, j] > 0.5 else "black",
-                )
+    rows = len(matrices)
+    fig, axes = plt.subplots(rows, 2, figsize=(2 * side + 1, side * rows), squeeze=False)
+    for (rule, cm), (left, right) in zip(matrices.items(), axes, strict=True):
+        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        for ax, data, what, fmt in ((left, cm, "counts", "d"), (right, norm, "row share", ".2f")):
+            ConfusionMatrixDisplay(data, display_labels=list(class_names)).plot(
+                ax=ax, cmap="Blues", colorbar=False, values_format=fmt, xticks_rotation=45
+            )
+            ax.set_title(f"{rule}: {what}")
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("actual")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -218,143 +243,136 @@ def predict(model, paths: Sequence[str], image_size: int, batch_size: int) -> np
     return model.predict(ds.map(lambda x, _y: x), verbose=0)
 
 
-def flat(metrics: dict[str, Any], prefix: str = "test_") -> dict[str, float]:
-    """MLflow metric names: ``test_accuracy``, ``test_safe_recall``, ..."""
-    out = {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-    for name, values in metrics.get("per_class", {}).items():
-        out.update({f"{prefix}{name}_{k}": v for k, v in values.items() if v is not None})
-    return {k: v for k, v in out.items() if v is not None}
+def mlflow_metrics(metrics: dict[str, Any], prefix: str = "test_") -> dict[str, float]:
+    """MLflow metric names: ``test_accuracy``, ``test_safe_recall``,
+    ``test_argmax_accuracy``, ... (None values left out)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(mlflow_metrics(value, prefix if key == "per_class" else f"{prefix}{key}_"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+    return out
 
 
+def report_text(
+    y_true: np.ndarray, decisions: dict[str, np.ndarray], class_names: Sequence[str]
+) -> str:
+    """scikit-learn's classification report once per decision rule, each under its title."""
+    labels = list(range(len(class_names)))
+    parts = []
+    for rule, y_pred in decisions.items():
+        body = classification_report(
+            y_true, y_pred, labels=labels, target_names=list(class_names), digits=4,
+            zero_division=0,
+        )  # fmt: skip
+        parts.append(f"== {rule} ==\n\n{body}")
+    return "\n".join(parts)
+
+
+@stage_main
 def main() -> None:
     params = load_params()
-    base, cfg = section(params, "base"), section(params, "report")
-    ml = params.get("mlflow") or {}
-    setup_logging(base.get("log_level", "INFO"))
+    setup_logging(params.base.log_level)
+    cfg = params.report
+    if not PATHS.model_metadata.is_file():
+        raise StageError(f"no candidate in {PATHS.candidate}: run the train stage first")
+    meta = json.loads(PATHS.model_metadata.read_text(encoding="utf-8"))
+    class_names, size = list(meta["class_names"]), int(meta["image_size"])
+    positive, why = choose_positive(cfg.positive_class, meta["class_counts"])
+    log.info("operating threshold for %r: %s", positive, why)
+    pos = class_names.index(positive)
 
+    import_tensorflow()
     import keras
 
     from stages import tracking
     from stages.train import encode_labels, read_list
 
-    meta = json.loads(PATHS.model_metadata.read_text(encoding="utf-8"))
-    class_names, size = list(meta["class_names"]), int(meta["image_size"])
-    positive = str(cfg.get("positive_class") or class_names[-1])
-    if positive not in class_names:
-        raise ValueError(f"report.positive_class {positive!r} is not a class: {class_names}")
-    pos = class_names.index(positive)
-    model = keras.models.load_model(PATHS.model_file)
-    batch = int(cfg.get("batch_size", 64))
+    run = tracking.resume(meta, params.mlflow.experiment)
+    with tracking.taken(run):
+        model = keras.models.load_model(PATHS.model_file)
+        root = str(PATHS.root)
+        sides = {}
+        for side in ("val", "test"):
+            paths, labels = read_list(PATHS.split_list(side))
+            probs = predict(model, [f"{root}/{p}" for p in paths], size, cfg.batch_size)
+            sides[side] = (paths, encode_labels(labels, class_names), probs)
+        test_paths, y_test, p_test = sides["test"]
+        _, y_val, p_val = sides["val"]
+        if len(y_test) == 0:
+            raise StageError("the test list is empty: rerun the split stage")
 
-    root = str(PATHS.root)
-    sides = {}
-    for side in ("val", "test"):
-        paths, labels = read_list(PATHS.split_list(side))
-        probs = predict(model, [f"{root}/{p}" for p in paths], size, batch)
-        sides[side] = (paths, encode_labels(labels, class_names), probs)
-    test_paths, y_test, p_test = sides["test"]
-    _, y_val, p_val = sides["val"]
-    if len(y_test) == 0:
-        raise ValueError("the test list is empty")
-
-    out = PATHS.metrics
-    metrics = compute_metrics(y_test, p_test, class_names, positive)
-    write_json(metrics, out / "test.json")
-    op = operating_point(
-        p_val[:, pos], y_val == pos, p_test[:, pos], y_test == pos, positive,
-        float(cfg.get("target_recall", 0.95)),
-    )  # fmt: skip
-    write_json(op, PATHS.operating_point)
-    text = classification_report(
-        y_test, p_test.argmax(1), labels=list(range(len(class_names))),
-        target_names=class_names, digits=4, zero_division=0,
-    )  # fmt: skip
-    (out / "report").mkdir(parents=True, exist_ok=True)
-    (out / "report" / "classification_report.txt").write_text(text, encoding="utf-8")
-    cm = confusion_matrix(y_test, p_test.argmax(1), labels=list(range(len(class_names))))
-    plot_confusion(cm, class_names, out / "report" / "confusion_matrix.png")
-    write_csv(
-        [
-            {"path": p, "actual": class_names[a], "predicted": class_names[b], "score": round(s, 6)}
-            for p, a, b, s in zip(test_paths, y_test, p_test.argmax(1), p_test[:, pos], strict=True)
-        ],
-        ("path", "actual", "predicted", "score"),
-        out / "plots" / "predictions.csv",
-    )
-    roc, pr = curve_rows(y_test == pos, p_test[:, pos])
-    write_csv(roc, ("fpr", "tpr", "threshold"), out / "plots" / "roc.csv")
-    write_csv(pr, ("recall", "precision", "threshold"), out / "plots" / "pr.csv")
-    log.info(
-        "test accuracy %.4f, macro F1 %.4f\n%s", metrics["accuracy"], metrics["macro_f1"], text
-    )
-    log.info(
-        "operating point: %s >= %.4f (val recall %s); test precision %s recall %s",
-        positive, op["threshold"], op["val"]["recall"], op["test"]["precision"],
-        op["test"]["recall"],
-    )  # fmt: skip
-
-    min_acc = cfg.get("min_accuracy")
-    passed = min_acc is None or metrics["accuracy"] >= float(min_acc)
-
-    # -- MLflow: resume train's run ----------------------------------------------------
-    uri = tracking.tracking_uri()
-    key = f"{meta['created']}-{meta['params_digest']}"
-    pending = PATHS.cache / "mlflow-pending"
-    experiment = str(ml.get("experiment", "imgclf"))
-    if (
-        meta.get("mlflow_run_id") is None
-        and (pending / f"{tracking.pending_key(key)}.json").exists()
-    ):
-        run = tracking.Run.offline(uri, experiment, key, pending, "train could not reach MLflow")
-    else:
-        run = tracking.Run.start(
-            uri, experiment, key, pending, run_id=meta.get("mlflow_run_id"),
-            tags=tracking.run_tags(meta["data_hash"], PATHS.root),
+        op = operating_point(
+            p_val[:, pos], y_val == pos, p_test[:, pos], y_test == pos, positive,
+            cfg.target_recall,
         )  # fmt: skip
-    report_params = {"report": cfg, "mlflow": {"registered_model": ml.get("registered_model")}}
-    run.log_params(tracking.flatten(report_params))
-    run.log_metrics(
-        flat(metrics)
-        | {
-            "op_threshold": op["threshold"],
-            **{
-                f"op_{s}_{k}": v for s in ("val", "test") for k, v in op[s].items() if v is not None
-            },
+        at_threshold = f"at the operating threshold ({positive} >= {op['threshold']:.4f})"
+        decisions = {
+            at_threshold: decide(p_test, pos, op["threshold"]),
+            "argmax (top class)": p_test.argmax(axis=1),
         }
-    )
-    for path in (
-        out / "report" / "confusion_matrix.png",
-        out / "report" / "classification_report.txt",
-        out / "test.json",
-        PATHS.operating_point,
-        out / "plots" / "predictions.csv",
-        out / "plots" / "roc.csv",
-        out / "plots" / "pr.csv",
-    ):
-        run.log_artifact(path, "report")
-    from mlflow.models import infer_signature
-
-    example = np.zeros((1, size, size, 3), dtype=np.float32)
-    model_uri = run.log_keras_model(
-        model, infer_signature(example, model.predict(example, verbose=0))
-    )
-    run.set_tags({"quality_gate": "passed" if passed else "failed", "report_digest": digest(cfg)})
-    if not passed:
-        run.end("FAILED")
-        sys.exit(
-            f"QUALITY GATE FAILED: test accuracy {metrics['accuracy']:.4f} < report.min_accuracy "
-            f"{float(min_acc):.4f}; the model is not registered"
+        y_thr, y_arg = decisions.values()
+        metrics = compute_metrics(y_test, y_thr, p_test, class_names, positive)
+        argmax = compute_metrics(y_test, y_arg, p_test, class_names, positive)
+        metrics["argmax"] = {k: argmax[k] for k in ("accuracy", "macro_f1", "per_class")}
+        out = PATHS.metrics
+        write_json(metrics, PATHS.test_metrics)
+        write_json(op, PATHS.operating_point)
+        text = report_text(y_test, decisions, class_names)
+        (out / "report").mkdir(parents=True, exist_ok=True)
+        (out / "report" / "classification_report.txt").write_text(text, encoding="utf-8")
+        labels = list(range(len(class_names)))
+        plot_confusion(
+            {rule: confusion_matrix(y_test, y, labels=labels) for rule, y in decisions.items()},
+            class_names,
+            out / "report" / "confusion_matrix.png",
         )
-    name = str(ml.get("registered_model") or "")
-    if name:
-        version = run.register(model_uri, name)
-        if version:
-            log.info("registered %s version %s", name, version)
-            run.set_tags({"registered_model": name, "registered_version": version})
-    run.end("FINISHED")
-    if not run.ok and ml.get("required"):
-        sys.exit(f"MLflow tracking failed and mlflow.required is set: {run.error}")
+        write_csv(
+            [
+                {
+                    "path": p, "actual": class_names[a], "predicted": class_names[b],
+                    "argmax": class_names[c], "score": round(float(s), 6),
+                }
+                for p, a, b, c, s in zip(
+                    test_paths, y_test, y_thr, y_arg, p_test[:, pos], strict=True
+                )
+            ],
+            ("path", "actual", "predicted", "argmax", "score"),
+            out / "plots" / "predictions.csv",
+        )  # fmt: skip
+        roc, pr = curve_rows(y_test == pos, p_test[:, pos])
+        write_csv(roc, ("fpr", "tpr", "threshold"), out / "plots" / "roc.csv")
+        write_csv(pr, ("recall", "precision", "threshold"), out / "plots" / "pr.csv")
+        log.info(
+            "test accuracy %.4f %s (argmax %.4f), macro F1 %.4f\n%s",
+            metrics["accuracy"], at_threshold, argmax["accuracy"], metrics["macro_f1"], text,
+        )  # fmt: skip
+        log.info(
+            "operating point: %s >= %.4f (val recall %s); test precision %s recall %s",
+            positive, op["threshold"], op["val"]["recall"], op["test"]["precision"],
+            op["test"]["recall"],
+        )  # fmt: skip
+
+        run.log_params(tracking.flatten({"report": cfg.model_dump()}))
+        run.log_metrics(
+            mlflow_metrics(metrics)
+            | {"op_threshold": op["threshold"]}
+            | mlflow_metrics({s: op[s] for s in ("val", "test")}, "op_")
+        )
+        run.set_tags({"positive_class": positive})
+        for path in (
+            out / "report" / "confusion_matrix.png",
+            out / "report" / "classification_report.txt",
+            PATHS.test_metrics,
+            PATHS.operating_point,
+            out / "plots" / "predictions.csv",
+            out / "plots" / "roc.csv",
+            out / "plots" / "pr.csv",
+        ):
+            run.log_artifact(path, "report")
+    tracking.check_required(run, params.mlflow.required)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,8 @@
 """Stage ``split``: stable, stratified train / val / test file lists.
 
-An image's side depends only on the SHA-256 of its processed content and ``base.seed``:
+An image's side depends only on the SHA-256 of its *raw* content (from
+``data/manifest.csv``) and ``base.seed``, never on how it was preprocessed, so experiments
+on ``preprocess`` params are scored on the same test images:
 ``u = H(seed, "test", sha)`` uniform in [0, 1) puts it in test when ``u < test_size``;
 otherwise ``H(seed, "val", sha) < val_size`` carves it into val (the fraction of train
 held out for early stopping and for choosing the operating threshold). So:
@@ -10,7 +12,10 @@ held out for early stopping and for choosing the operating threshold). So:
 - each class is split on its own (stratified), and its test share is ``test_size`` up to
   the binomial noise ``sqrt(p(1-p)/n)`` (about 2 points for 500 images).
 
-Images are not re-encoded: the lists name files under ``data/processed``.
+Every class needs at least one image on each side (train fits, val drives early stopping
+and the threshold, test judges); a class without fails the stage, naming the class, its
+counts and what it needs. Images are not re-encoded: the lists name files under
+``data/processed``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.config import PATHS, load_params, section, setup_logging
+from stages.config import PATHS, StageError, load_params, setup_logging, stage_main
+from stages.params import min_images_per_class
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,8 @@ LIST_FIELDS = ("path", "label", "sha256")
 
 @dataclass(frozen=True)
 class Item:
-    """One processed image: path (relative to the project root), class label, content hash."""
+    """One processed image: path (relative to the project root), class label, raw content
+    hash."""
 
     path: str
     label: str
@@ -79,31 +86,33 @@ def count_by_class(sides: dict[str, list[Item]]) -> dict[str, dict[str, int]]:
     return {side: {label: counts[side][label] for label in labels} for side in sides}
 
 
-def check_counts(counts: dict[str, dict[str, int]]) -> list[str]:
-    """Raise when a class cannot be trained on; return warnings for thin classes."""
+def check_counts(counts: dict[str, dict[str, int]], test_size: float, val_size: float) -> None:
+    """Raise :class:`StageError` unless there are two classes, each on every side."""
     labels = list(counts["train"])
     if len(labels) < 2:
-        raise ValueError(f"need at least two classes with usable images, found {labels}")
-    empty = [label for label in labels if counts["train"][label] == 0]
-    if empty:
-        raise ValueError(f"class(es) {', '.join(empty)} have no training image after the split")
-    return [
-        f"class {label} has no {side} image"
-        for side in ("val", "test")
-        for label in labels
-        if counts[side][label] == 0
-    ]
+        raise StageError(f"need at least two classes with usable images, found {labels}")
+    need = min_images_per_class(test_size, val_size)
+    for label in labels:
+        have = {side: counts[side][label] for side in SIDES}
+        if min(have.values()) == 0:
+            raise StageError(
+                f"class {label!r} has {sum(have.values())} usable image(s) "
+                f"({', '.join(f'{n} {s}' for s, n in have.items())}): every class needs at "
+                f"least 1 in train, val and test, about {need} images with split.test_size "
+                f"{test_size} and split.val_size {val_size}; add images or remove the class"
+            )
 
 
-def scan_processed(processed: Path, root: Path) -> list[Item]:
-    """Every ``processed/<class>/*.jpg`` with its content hash."""
-    if not processed.is_dir():
-        raise FileNotFoundError(f"processed data not found: {processed} (run preprocess first)")
-    items = []
-    for path in sorted(processed.glob("*/*.jpg")):
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        items.append(Item(path.relative_to(root).as_posix(), path.parent.name, sha))
-    return items
+def read_manifest(manifest: Path, processed_prefix: str) -> list[Item]:
+    """Every processed image of ``data/manifest.csv`` with its raw content hash."""
+    if not manifest.is_file():
+        raise StageError(f"{manifest.name} not found: run the preprocess stage first")
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        return [
+            Item(row["output_path"], row["class"], row["sha256"])
+            for row in csv.DictReader(fh)
+            if row["status"] == "processed" and row["output_path"].startswith(processed_prefix)
+        ]
 
 
 def write_list(items: list[Item], path: Path) -> None:
@@ -126,28 +135,23 @@ def format_counts(counts: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+@stage_main
+def main() -> None:
     params = load_params()
-    setup_logging(params.get("base", {}).get("log_level", "INFO"))
-    seed = int(section(params, "base")["seed"])
-    cfg = section(params, "split")
-    test_size, val_size = float(cfg["test_size"]), float(cfg.get("val_size", 0.0))
-    sides = assign(scan_processed(PATHS.processed, PATHS.root), seed, test_size, val_size)
+    setup_logging(params.base.log_level)
+    seed, cfg = params.base.seed, params.split
+    prefix = f"{PATHS.processed.relative_to(PATHS.root).as_posix()}/"
+    sides = assign(read_manifest(PATHS.manifest, prefix), seed, cfg.test_size, cfg.val_size)
     counts = count_by_class(sides)
-    for warning in check_counts(counts):
-        log.warning("%s", warning)
+    log.info(
+        "split (seed %d, test_size %s, val_size %s):\n%s",
+        seed, cfg.test_size, cfg.val_size, format_counts(counts),
+    )  # fmt: skip
+    check_counts(counts, cfg.test_size, cfg.val_size)
     for side, items in sides.items():
         write_list(items, PATHS.split_list(side))
     PATHS.metrics.mkdir(parents=True, exist_ok=True)
     (PATHS.metrics / "split.json").write_text(json.dumps(counts, indent=2) + "\n")
-    log.info(
-        "split (seed %d, test_size %s, val_size %s):\n%s",
-        seed,
-        test_size,
-        val_size,
-        format_counts(counts),
-    )
-    return 0
 
 
 if __name__ == "__main__":

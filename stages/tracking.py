@@ -1,8 +1,13 @@
-"""MLflow tracking shared by ``train`` and ``report``: one MLflow run per pipeline run.
+"""MLflow tracking shared by ``train``, ``report`` and ``promote``: one run per pipeline run.
 
-``train`` creates the run and stores its id in ``models/metadata.json``; ``report`` resumes
-it by id, logs the test metrics, artifacts and the model, and registers the model after the
-quality gate.
+``train`` creates the run, named after the DVC experiment (``repro-<time>-<commit>`` under
+plain ``dvc repro``), and stores its id in ``models/candidate/metadata.json``; ``report``
+and ``promote`` resume it by id. Each stage *takes* the run while it works
+(:func:`taken`): status RUNNING with an owner tag (host, pid, process start time), then
+FINISHED, FAILED (the stage raised) or KILLED (SIGINT/SIGTERM). A run whose owner died
+without a word (SIGKILL, power loss) is closed as KILLED by the next ``train``
+(:func:`close_abandoned`). Only ``promote`` registers a model version, and only after the
+quality gate; the champion alias moves only to a version that beats the champion.
 
 Where runs go
     ``MLFLOW_TRACKING_URI`` when set; otherwise the SQLite file ``mlflow.db`` at the root of
@@ -38,14 +43,17 @@ import json
 import logging
 import os
 import re
+import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
-from stages.config import PATHS, setup_logging
+from stages.config import PATHS, StageError, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +176,117 @@ def run_tags(data_hash: str, root: Path, env: dict[str, str] | None = None) -> d
     return tags
 
 
-def pending_key(created: str) -> str:
-    """File-name-safe key of a pipeline run (from ``metadata.json``'s ``created``)."""
-    return re.sub(r"[^0-9A-Za-z_.-]", "_", created)
+OWNER_TAG = "imgclf.owner"
+
+
+def run_name(env: dict[str, str] | None = None, commit: str | None = None) -> str:
+    """The DVC experiment's name under ``dvc exp run``, else ``repro-<UTC time>-<commit>``."""
+    env = os.environ if env is None else env
+    if env.get("DVC_EXP_NAME"):
+        return env["DVC_EXP_NAME"]
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return f"repro-{stamp}-{(commit or 'nogit')[:7]}"
+
+
+def owner() -> str:
+    """``host:pid:start time`` of this process (pids are reused; start times are not)."""
+    import psutil
+
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.2f}"
+
+
+def owner_alive(tag: str) -> bool | None:
+    """Whether the process named by an owner tag still runs (None: another host's)."""
+    import psutil
+
+    host, _, rest = tag.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname():
+        return None
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.2f}" == started
+    except (psutil.Error, ValueError):
+        return False
+
+
+def close_abandoned(uri: str, experiment: str) -> list[str]:
+    """End as KILLED the RUNNING runs of ``experiment`` whose owner process on this host is
+    gone; returns their ids. Runs of other hosts or tools (no owner tag) are left alone."""
+
+    def sweep() -> list[str]:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return []
+        closed = []
+        for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'"):
+            tag = r.data.tags.get(OWNER_TAG)
+            if tag and owner_alive(tag) is False:
+                client.set_tag(r.info.run_id, "imgclf.closed", "owner process gone")
+                client.set_terminated(r.info.run_id, status="KILLED")
+                closed.append(r.info.run_id)
+        return closed
+
+    try:
+        closed = call(uri, sweep)
+    except Exception as exc:  # tracking trouble is reported by the run itself
+        log.debug("could not sweep abandoned runs: %s", exc)
+        return []
+    for run_id in closed:
+        log.warning("MLflow run %s was left RUNNING by a killed stage: closed as KILLED", run_id)
+    return closed
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def taken(run: Run) -> Iterator[Run]:
+    """Own ``run`` while a stage works on it; end it FINISHED, FAILED or KILLED.
+
+    SIGTERM (what ``dvc`` and process managers send) is turned into KeyboardInterrupt for
+    the duration, so a stopped stage still closes its run.
+    """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    run.set_tags({OWNER_TAG: owner()})
+    try:
+        yield run
+    except KeyboardInterrupt:
+        run.end("KILLED")
+        raise
+    except BaseException:
+        run.end("FAILED")
+        raise
+    else:
+        run.end("FINISHED")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def pending_key(key: str) -> str:
+    """File-name-safe key of a pipeline run (its run name)."""
+    return re.sub(r"[^0-9A-Za-z_.-]", "_", key)
+
+
+def resume(meta: dict[str, Any], experiment: str) -> Run:
+    """The run ``train`` created for this candidate (its id is in the metadata); an offline
+    run when ``train`` could not reach the store either."""
+    uri, key = tracking_uri(), str(meta["run_name"])
+    pending = PATHS.cache / "mlflow-pending"
+    if meta.get("mlflow_run_id") is None and (pending / f"{pending_key(key)}.json").exists():
+        return Run.offline(uri, experiment, key, pending, "train could not reach MLflow")
+    tags = run_tags(meta["data_hash"], PATHS.root)
+    return Run.start(uri, experiment, key, pending, run_id=meta.get("mlflow_run_id"), tags=tags)
+
+
+def check_required(run: Run, required: bool) -> None:
+    """With ``mlflow.required``, a run that did not reach the store fails the stage."""
+    if required and not run.ok:
+        raise StageError(f"MLflow tracking failed and mlflow.required is set: {run.error}")
 
 
 class Run:
@@ -288,44 +404,47 @@ class Run:
         self._do("log artifact", lambda c: c.log_artifact(self.run_id, str(path), artifact_path))
         self._record("artifacts", [[str(Path(path).resolve()), artifact_path]])
 
-    def log_keras_model(self, model: Any, signature: Any, name: str = "model") -> str | None:
-        """Log a Keras model with its signature; returns its model URI (None offline)."""
+    def register_bundle(
+        self, bundle: Path, name: str, metric: str, value: float, alias: str
+    ) -> dict[str, Any] | None:
+        """Log ``bundle`` under ``bundle/``, register it as a new version of ``name`` and give
+        it ``alias`` when ``value`` beats the current holder's ``test_<metric>`` (higher is
+        better; a holder without that metric is beaten). Returns ``{"version", "alias",
+        "champion_value"}``, or None offline."""
 
-        def do(_client) -> str:
-            import keras
-            import mlflow
-            import tensorflow as tf
+        def do(client) -> dict[str, Any]:
+            from mlflow.exceptions import MlflowException
 
-            mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=self.run_id):
-                info = mlflow.keras.log_model(
-                    model,
-                    name=name,
-                    signature=signature,
-                    pip_requirements=[
-                        f"keras=={keras.__version__}",
-                        f"tensorflow-cpu=={tf.__version__}",
-                    ],
-                )
-            # start_run(run_id) ends the run on exit; report ends it for good later.
-            return info.model_uri
+            client.log_artifact(self.run_id, str(bundle), "bundle")
+            try:
+                client.create_registered_model(name)
+            except MlflowException as exc:
+                if "already exists" not in str(exc).lower():
+                    raise
+            version = client.create_model_version(
+                name, source=f"runs:/{self.run_id}/bundle", run_id=self.run_id
+            ).version
+            client.set_model_version_tag(name, version, f"test_{metric}", str(value))
+            try:
+                holder = client.get_model_version_by_alias(name, alias)
+            except MlflowException:
+                holder = None
+            best = None
+            if holder is not None:
+                best = client.get_run(holder.run_id).data.metrics.get(f"test_{metric}")
+            crowned = holder is None or best is None or value > best
+            if crowned:
+                client.set_registered_model_alias(name, alias, version)
+            return {
+                "version": str(version),
+                "alias": alias if crowned else None,
+                "champion_value": value if crowned else best,
+                "champion_version": str(version) if crowned else str(holder.version),
+            }
 
-        uri = self._do("log the model", do)
-        self._record("model", name)
-        return uri
-
-    def register(self, model_uri: str | None, name: str) -> str | None:
-        """Register ``model_uri`` under ``name``; returns the new version (None offline)."""
-
-        def do(_client) -> str:
-            import mlflow
-
-            mlflow.set_tracking_uri(self.uri)
-            return str(mlflow.register_model(model_uri, name).version)
-
-        version = self._do("register the model", do) if model_uri else None
+        result = self._do("register the bundle", do)
         self._record("register", name)
-        return version
+        return result
 
     # -- failure handling ------------------------------------------------------------
     def _do(self, what: str, fn: Callable[[Any], T]) -> T | None:

@@ -1,13 +1,15 @@
-"""Stage ``train``: fit the classifier on the split lists; write the model and its metadata.
+"""Stage ``train``: fit the classifier on the split lists; write the candidate model.
 
 Input: ``data/split/{train,val}.csv`` (``path,label,sha256``; paths relative to the project
 root) read with ``tf.data`` (parallel JPEG decode, in-memory cache, prefetch). Class names
 are the sorted labels of the train list.
 
-Outputs: ``models/model.keras`` (uint8-range pixels in, softmax out; see ``stages.model``),
-``models/metadata.json``, the per-epoch history ``metrics/train/history.csv`` (a DVC plot)
-and ``metrics/train.json``. One MLflow run is created here (see ``stages.tracking``); its id
-goes into ``metadata.json`` for ``report`` to resume.
+Outputs: the *candidate* ``models/candidate/model.keras`` (uint8-range pixels in, softmax
+out; see ``stages.model``) and ``models/candidate/metadata.json``, the per-epoch history
+``metrics/train/history.csv`` (a DVC plot) and ``metrics/train.json``. A candidate is never
+served: ``report`` judges it and ``promote`` bundles it only when it passes the gate. One
+MLflow run is created here (see ``stages.tracking``); its id goes into ``metadata.json``
+for ``report`` and ``promote`` to resume.
 
 Deterministic: seeds from ``base.seed`` and TF op determinism, so the same params and data
 give the same metrics on the same machine.
@@ -21,15 +23,24 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.config import PATHS, digest, load_params, section, setup_logging
-from stages.imaging import DecodeOptions
+from stages.config import (
+    PATHS,
+    StageError,
+    digest,
+    import_tensorflow,
+    load_params,
+    setup_logging,
+    stage_main,
+)
+from stages.imaging import DecodeOptions, decode_stored_jpeg
+from stages.params import Train
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +76,10 @@ def class_weights(y: np.ndarray, num_classes: int, mode: str) -> dict[int, float
     return {i: float(len(y) / (num_classes * c)) if c else 0.0 for i, c in enumerate(counts)}
 
 
-def data_hash(files: Sequence[Path]) -> str:
-    """SHA-256 over the split lists (they hold every image's content hash)."""
-    h = hashlib.sha256()
+def data_hash(files: Sequence[Path], decode: DecodeOptions) -> str:
+    """SHA-256 over the split lists (every raw image's content hash and side) and the
+    decode settings that turned raw images into training pixels."""
+    h = hashlib.sha256(json.dumps(decode.to_dict(), sort_keys=True).encode())
     for path in files:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
@@ -92,8 +104,7 @@ def make_dataset(
     ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, dtype=np.int32)))
 
     def load(path, label):
-        data = tf.io.read_file(path)
-        img = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+        img = decode_stored_jpeg(tf.io.read_file(path))
         return tf.ensure_shape(img, (image_size, image_size, 3)), label
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
@@ -118,7 +129,7 @@ def fit(
     model,
     train_ds,
     val_ds,
-    cfg: dict[str, Any],
+    cfg: Train,
     weights: dict[int, float] | None,
     callbacks: Sequence[Any] = (),
 ) -> list[dict[str, float]]:
@@ -133,7 +144,7 @@ def fit(
     def phase(name: str, lr: float, first: int, epochs: int) -> list[dict[str, float]]:
         compile_model(model, lr)
         stop = keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=int(cfg["patience"]), restore_best_weights=True
+            monitor="val_loss", patience=cfg.patience, restore_best_weights=True
         )
         hist = model.fit(
             train_ds,
@@ -155,19 +166,17 @@ def fit(
             for i in range(len(hist.history["loss"]))
         ]
 
-    rows = phase("train", float(cfg["learning_rate"]), 0, int(cfg["epochs"]))
-    ft_epochs = int(cfg.get("fine_tune_epochs") or 0)
-    backbone_is_frozen = cfg.get("backbone", "small_cnn") != "small_cnn" and is_pretrained(
-        cfg.get("weights", "none")
-    )
+    rows = phase("train", cfg.learning_rate, 0, cfg.epochs)
+    ft_epochs = cfg.fine_tune_epochs
+    backbone_is_frozen = cfg.backbone != "small_cnn" and is_pretrained(cfg.weights)
     if ft_epochs > 0 and not backbone_is_frozen:
         log.info("fine-tune skipped: the backbone was trained from the start (no frozen part)")
     elif ft_epochs > 0:
         best = min(r["val_loss"] for r in rows)
         saved = model.get_weights()
-        n = unfreeze_top(model, int(cfg["fine_tune_layers"]))
+        n = unfreeze_top(model, cfg.fine_tune_layers)
         log.info("fine-tune: %d layers of %s unfrozen", n, BACKBONE_LAYER)
-        ft = phase("fine_tune", float(cfg["fine_tune_learning_rate"]), len(rows), ft_epochs)
+        ft = phase("fine_tune", cfg.fine_tune_learning_rate, len(rows), ft_epochs)
         rows += ft
         if min(r["val_loss"] for r in ft) >= best:
             log.info("fine-tune did not improve val_loss (%.4f); phase-1 weights kept", best)
@@ -196,128 +205,121 @@ def write_json(data: Any, path: Path) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+@stage_main
 def main() -> None:
     params = load_params()
-    base, cfg, pre = (
-        section(params, "base"),
-        section(params, "train"),
-        section(params, "preprocess"),
-    )
-    ml = params.get("mlflow") or {}
-    setup_logging(base.get("log_level", "INFO"))
+    setup_logging(params.base.log_level)
+    cfg, ml, seed = params.train, params.mlflow, params.base.seed
+    decode = DecodeOptions.from_params(params.preprocess)
+    lists = [PATHS.split_list(s) for s in ("train", "val", "test")]
+    train_paths, train_labels = read_list(lists[0])
+    val_paths, val_labels = read_list(lists[1])
+    if not train_paths or not val_paths:
+        raise StageError("the train and val lists must not be empty: rerun the split stage")
+    class_names = sorted(set(train_labels))
+    y_train = encode_labels(train_labels, class_names)
+    y_val = encode_labels(val_labels, class_names)
+    log.info("classes %s; %d train, %d val images", class_names, len(y_train), len(y_val))
 
+    import_tensorflow()
     import keras
 
     from stages import tracking
     from stages.model import build_model
 
-    seed = int(base["seed"])
     seed_everything(seed)
-    decode = DecodeOptions.from_params(pre)
-    size = decode.size
-
-    lists = [PATHS.split_list(s) for s in ("train", "val", "test")]
-    train_paths, train_labels = read_list(lists[0])
-    val_paths, val_labels = read_list(lists[1])
-    if not train_paths or not val_paths:
-        raise ValueError("train and val lists must not be empty (val drives early stopping)")
-    class_names = sorted(set(train_labels))
-    y_train = encode_labels(train_labels, class_names)
-    y_val = encode_labels(val_labels, class_names)
-    weights = class_weights(y_train, len(class_names), str(cfg.get("class_weight", "auto")))
-    log.info("classes %s; %d train, %d val images", class_names, len(y_train), len(y_val))
-
+    weights = class_weights(y_train, len(class_names), cfg.class_weight)
     root = str(PATHS.root)
-    batch = int(cfg["batch_size"])
     train_ds = make_dataset(
-        [f"{root}/{p}" for p in train_paths], y_train, size, batch, shuffle=True, seed=seed
+        [f"{root}/{p}" for p in train_paths], y_train, decode.size, cfg.batch_size, True, seed
     )
-    val_ds = make_dataset([f"{root}/{p}" for p in val_paths], y_val, size, batch)
+    val_ds = make_dataset([f"{root}/{p}" for p in val_paths], y_val, decode.size, cfg.batch_size)
 
-    dhash = data_hash(lists)
-    pdigest = digest({k: params.get(k) for k in TRAIN_SECTIONS})
-    created = datetime.now(UTC).isoformat(timespec="seconds")
+    dhash = data_hash(lists, decode)
+    logged = params.model_dump(include=set(TRAIN_SECTIONS))
+    pdigest = digest(logged)
+    uri = tracking.tracking_uri()
+    tags = tracking.run_tags(dhash, PATHS.root)
+    name = tracking.run_name(commit=tags.get("git_commit"))
+    tracking.close_abandoned(uri, ml.experiment)
     run = tracking.Run.start(
-        tracking.tracking_uri(),
-        str(ml.get("experiment", "imgclf")),
-        key=f"{created}-{pdigest}",
+        uri,
+        ml.experiment,
+        key=name,
         pending_dir=PATHS.cache / "mlflow-pending",
-        run_name=str(ml.get("run_name") or "") or None,
-        tags={**tracking.run_tags(dhash, PATHS.root), "params_digest": pdigest},
+        run_name=name,
+        tags={**tags, "params_digest": pdigest},
     )
-    run.log_params(tracking.flatten({k: params[k] for k in TRAIN_SECTIONS if k in params}))
+    with tracking.taken(run):
+        run.log_params(tracking.flatten(logged))
 
-    class EpochLogger(keras.callbacks.Callback):
-        """Per-epoch metrics to MLflow as the training goes."""
+        class EpochLogger(keras.callbacks.Callback):
+            """Per-epoch metrics to MLflow as the training goes."""
 
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            run.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                run.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
 
-    model = build_model(
-        size,
-        len(class_names),
-        backbone=str(cfg.get("backbone", "small_cnn")),
-        weights=str(cfg.get("weights", "none")),
-        backbone_size=cfg.get("backbone_size"),
-        dropout=float(cfg.get("dropout", 0.0)),
-        augment=cfg.get("augment") or {},
-        cnn_filters=cfg.get("cnn_filters", (16, 32, 64)),
-        cnn_dense=int(cfg.get("cnn_dense", 64)),
-        seed=seed,
-    )
-    log.info("model %s: %d parameters", model.name, model.count_params())
+        model = build_model(
+            decode.size,
+            len(class_names),
+            backbone=cfg.backbone,
+            weights=cfg.weights,
+            backbone_size=cfg.backbone_size,
+            dropout=cfg.dropout,
+            augment=cfg.augment.model_dump(),
+            cnn_filters=cfg.cnn_filters,
+            cnn_dense=cfg.cnn_dense,
+            seed=seed,
+        )
+        log.info("model %s: %d parameters", model.name, model.count_params())
 
-    start = time.perf_counter()
-    rows = fit(model, train_ds, val_ds, cfg, weights, callbacks=[EpochLogger()])
-    seconds = time.perf_counter() - start
-    best = best_row(rows)
-    speed = len(y_train) * len(rows) / seconds
-    log.info(
-        "trained %d epochs in %.1f s (%.0f images/s); best epoch %d: val_loss %.4f, "
-        "val_accuracy %.4f",
-        len(rows),
-        seconds,
-        speed,
-        best["epoch"],
-        best["val_loss"],
-        best["val_accuracy"],
-    )
+        start = time.perf_counter()
+        rows = fit(model, train_ds, val_ds, cfg, weights, callbacks=[EpochLogger()])
+        seconds = time.perf_counter() - start
+        best = best_row(rows)
+        speed = len(y_train) * len(rows) / seconds
+        log.info(
+            "trained %d epochs in %.1f s (%.0f images/s); best epoch %d: val_loss %.4f, "
+            "val_accuracy %.4f",
+            len(rows),
+            seconds,
+            speed,
+            best["epoch"],
+            best["val_loss"],
+            best["val_accuracy"],
+        )
 
-    PATHS.models.mkdir(parents=True, exist_ok=True)
-    model.save(PATHS.model_file)
-    write_history(rows, PATHS.metrics / "train" / "history.csv")
-    summary = {
-        "epochs": len(rows),
-        "best_epoch": int(best["epoch"]),
-        "val_loss": round(best["val_loss"], 6),
-        "val_accuracy": round(best["val_accuracy"], 6),
-    }
-    write_json(summary, PATHS.metrics / "train.json")
-    write_json(
-        {
-            "class_names": class_names,
-            "image_size": size,
-            "decode": decode.to_dict(),
-            "backbone": str(cfg.get("backbone", "small_cnn")),
-            "params_digest": pdigest,
-            "data_hash": dhash,
-            "mlflow_run_id": run.run_id if run.ok else None,
-            "created": created,
-        },
-        PATHS.model_metadata,
-    )
-    log.info("wrote %s and %s", PATHS.model_file, PATHS.model_metadata)
-
-    run.log_metrics(
-        {f"best_{k}": v for k, v in summary.items()}
-        | {"train_seconds": seconds, "train_images_per_second": speed}
-    )
-    run.log_artifact(PATHS.metrics / "train" / "history.csv", "train")
-    run.log_artifact(PATHS.model_metadata, "train")
-    run.end("FINISHED")
-    if not run.ok and ml.get("required"):
-        sys.exit(f"MLflow tracking failed and mlflow.required is set: {run.error}")
+        PATHS.candidate.mkdir(parents=True, exist_ok=True)
+        model.save(PATHS.model_file)
+        write_history(rows, PATHS.metrics / "train" / "history.csv")
+        summary = {
+            "epochs_run": len(rows),
+            "best_epoch": int(best["epoch"]),
+            "best_val_loss": round(best["val_loss"], 6),
+            "best_val_accuracy": round(best["val_accuracy"], 6),
+        }
+        write_json(summary, PATHS.metrics / "train.json")
+        write_json(
+            {
+                "class_names": class_names,
+                "class_counts": dict(sorted(Counter(train_labels).items())),
+                "image_size": decode.size,
+                "decode": decode.to_dict(),
+                "backbone": cfg.backbone,
+                "params_digest": pdigest,
+                "data_hash": dhash,
+                "git_commit": tags.get("git_commit"),
+                "mlflow_run_id": run.run_id if run.ok else None,
+                "run_name": name,
+            },
+            PATHS.model_metadata,
+        )
+        log.info("wrote the candidate %s", PATHS.candidate.relative_to(PATHS.root))
+        run.log_metrics(summary | {"train_seconds": seconds, "train_images_per_second": speed})
+        run.log_artifact(PATHS.metrics / "train" / "history.csv", "train")
+        run.log_artifact(PATHS.model_metadata, "train")
+    tracking.check_required(run, ml.required)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

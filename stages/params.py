@@ -1,0 +1,258 @@
+"""The one typed contract of ``params.yaml`` (the pipeline) and ``serve.yaml`` (the server).
+
+Every stage, the server and the CLIs load their settings through :func:`load_params` or
+:func:`load_serve_settings`; nothing else reads those files or restates a default. The
+values live in the YAML files only (DVC tracks them there), so every key is required here.
+
+A bad file is one :class:`ParamsError` whose message is one line naming the file and the
+dotted key: unknown keys get a did-you-mean, wrong types and out-of-range values say what
+was expected and what was found. Loading imports neither TensorFlow nor MLflow, so a bad
+``-S key=value`` fails in well under a second, before any run is created.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
+GATE_METRICS = ("accuracy", "macro_f1", "roc_auc", "pr_auc")
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+Byte = Annotated[int, Field(ge=0, le=255)]
+Positive = Annotated[int, Field(gt=0)]
+
+# keys of earlier versions: where their setting lives now
+MOVED = {
+    "serve": "serving settings live in serve.yaml now",
+    "report.min_accuracy": "the quality gate is promote.metric and promote.min_value now",
+    "mlflow.run_name": "runs are named after the DVC experiment now",
+}
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message is one line naming file and key."""
+
+
+class Section(BaseModel):
+    """Every section: unknown keys are errors, values are checked strictly, never coerced
+    from strings (``epochs: "3"`` is an error, not 3)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Base(Section):
+    seed: Annotated[int, Field(ge=0)]
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class Preprocess(Section):
+    size: Annotated[int, Field(ge=8, le=4096)]
+    mode: Literal["pad", "crop"]
+    background: Annotated[list[Byte], Field(min_length=3, max_length=3)]
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)]
+    max_pixels: Positive
+    formats: Annotated[list[Literal[FORMATS]], Field(min_length=1)]  # type: ignore[valid-type]
+    workers: Annotated[int, Field(ge=0)]
+    decode_timeout: Annotated[float, Field(gt=0)]
+
+
+class Split(Section):
+    test_size: Fraction
+    val_size: Fraction
+
+
+class Augment(Section):
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"]
+    rotation: Annotated[float, Field(ge=0.0, le=1.0)]
+    translation: Annotated[float, Field(ge=0.0, lt=1.0)]
+    zoom: Annotated[float, Field(ge=0.0, lt=1.0)]
+    contrast: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Train(Section):
+    backbone: Literal["small_cnn", "mobilenetv2", "efficientnetb0", "inceptionv3"]
+    weights: str
+    backbone_size: Annotated[int, Field(ge=8)] | None
+    cnn_filters: Annotated[list[Positive], Field(min_length=1)]
+    cnn_dense: Positive
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
+    batch_size: Positive
+    epochs: Positive
+    learning_rate: Annotated[float, Field(gt=0.0)]
+    patience: Positive
+    class_weight: Literal["auto", "none"]
+    augment: Augment
+    fine_tune_epochs: Annotated[int, Field(ge=0)]
+    fine_tune_layers: Positive
+    fine_tune_learning_rate: Annotated[float, Field(gt=0.0)]
+
+    @model_validator(mode="after")
+    def _weights_fit_backbone(self) -> Train:
+        if self.backbone == "small_cnn" and self.weights.lower() == "imagenet":
+            raise ValueError("weights: small_cnn has no ImageNet weights (use none or a file)")
+        return self
+
+
+class Report(Section):
+    positive_class: str | None
+    target_recall: Annotated[float, Field(gt=0.0, le=1.0)]
+    batch_size: Positive
+
+
+class Promote(Section):
+    metric: Literal[GATE_METRICS]  # type: ignore[valid-type]
+    min_value: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Mlflow(Section):
+    experiment: Annotated[str, Field(min_length=1)]
+    registered_model: Annotated[str, Field(min_length=1)] | None
+    champion_alias: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")]
+    required: bool
+
+
+class Params(Section):
+    """``params.yaml``: one attribute per section."""
+
+    base: Base
+    preprocess: Preprocess
+    split: Split
+    train: Train
+    report: Report
+    promote: Promote
+    mlflow: Mlflow
+
+    def check_classes(self, classes: list[str], where: str) -> None:
+        """Cross-check against the class names found in the data (``where`` says where)."""
+        name = self.report.positive_class
+        if name is not None and classes and name not in classes:
+            raise ParamsError(
+                f"params.yaml: report.positive_class: {name!r} is not a class; {where} has "
+                f"{', '.join(map(repr, classes))} (set one of them, or null for the rarest)"
+            )
+
+
+class ServeSettings(Section):
+    """``serve.yaml``: the server's settings (no pipeline stage reads them)."""
+
+    host: str
+    http_port: Annotated[int, Field(ge=0, le=65535)]
+    tcp_port: Annotated[int, Field(ge=0, le=65535)]
+    scan_roots: Annotated[list[str], Field(min_length=1)]
+    max_body_bytes: Positive
+    max_files: Positive
+    max_pixels: Positive
+    read_timeout: Annotated[float, Field(gt=0)]
+    max_batch: Positive
+    batch_wait_ms: Annotated[float, Field(ge=0)]
+    queue_size: Positive
+    decode_workers: Positive
+    http_max_connections: Positive
+    tcp_max_clients: Positive
+    tcp_idle_timeout: Annotated[float, Field(gt=0)]
+    reload_poll_seconds: Annotated[float, Field(ge=0)]
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section at ``loc`` (for did-you-mean)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel], unknown: set[str]) -> str | None:
+    """One error as ``dotted.key: what is wrong``; None to drop it (a missing key that an
+    unknown key's did-you-mean already names)."""
+    loc = tuple(p for p in error["loc"] if not isinstance(p, int) or error["type"] != "missing")
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(model, loc), n=1)
+        moved = difflib.get_close_matches(key, list(MOVED), n=1, cutoff=0.85)
+        if close:
+            return f"{key}: unknown key (did you mean '{close[0]}'?)"
+        if moved:
+            return f"{key}: unknown key ({MOVED[moved[0]]})"
+        return f"{key}: unknown key"
+    if kind == "missing":
+        return None if key in unknown else f"{key}: missing"
+    value = error.get("input")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    message = message[0].lower() + message[1:]
+    if kind == "value_error":
+        return f"{key}.{message}" if loc else message
+    if kind.endswith("_type") or kind.startswith(("int_", "float_", "literal", "bool")):
+        return f"{key}: {message}, got {value!r}"
+    return f"{key}: {message} (got {value!r})"
+
+
+def validate(data: Any, model: type[Section], source: str) -> Any:
+    """``data`` as ``model``, or :class:`ParamsError` with every problem on one line."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: must hold a mapping of sections, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        suggested = set()
+        for e in errors:
+            if e["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(
+                    str(e["loc"][-1]), _known_keys(model, e["loc"]), n=1
+                )
+                if close:
+                    suggested.add(".".join(map(str, (*e["loc"][:-1], close[0]))))
+        lines = [_describe(e, model, suggested) for e in errors]
+        raise ParamsError(f"{source}: " + "; ".join(x for x in lines if x)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a missing or unparsable file is a :class:`ParamsError`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path.name}: not found at {path}") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(
+            f"{path.name}:{where}: not valid YAML ({exc.__class__.__name__})"
+        ) from None
+
+
+def raw_classes(raw: Path) -> list[str]:
+    """Class folder names under the raw data folder (none when it does not exist)."""
+    if not raw.is_dir():
+        return []
+    return sorted(p.name for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_params(path: Path, raw: Path | None = None) -> Params:
+    """``params.yaml`` checked against the schema and, when ``raw`` exists, its classes."""
+    params = validate(read_yaml(path), Params, path.name)
+    if raw is not None:
+        params.check_classes(raw_classes(raw), f"{raw.name}/")
+    return params
+
+
+def load_serve_settings(path: Path) -> ServeSettings:
+    """``serve.yaml`` checked against the schema."""
+    return validate(read_yaml(path), ServeSettings, path.name)
+
+
+def min_images_per_class(test_size: float, val_size: float) -> int:
+    """Images a class needs so each side expects at least one of them."""
+    smallest = min(test_size, (1 - test_size) * val_size, (1 - test_size) * (1 - val_size))
+    return math.ceil(1 / smallest - 1e-9)
