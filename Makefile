@@ -27,7 +27,7 @@ test: ## lint + the whole test suite
 lint: ## fix lint and format
 	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
 
-serve: ## serve the versioned model over HTTP, TCP 1235 and a web page
+serve: ## serve the promoted bundle over HTTP, TCP 1235 and a web page
 	$(PY) serve/server.py
 
 bench: ## run the benchmarks (about 8 min), write benchmarks/RESULTS.md

@@ -80,13 +80,62 @@ def test_moving_a_subclass_relabels_and_decodes_nothing_again(repo: Path):
         dvc(repo, "repro", "split")
 
 
-def test_raw_change_with_identical_processed_output_skips_split(repo: Path):
-    raw = repo / "data" / "raw" / "safe" / "digit_0"
-    first = sorted(raw.glob("*.png"))[0]
+def test_preprocess_params_rerun_preprocess_but_never_move_the_split(repo: Path):
+    """Sides are keyed on raw content: new processed bytes, same manifest, split skipped."""
+    before = {
+        side: (repo / "data" / "split" / f"{side}.csv").read_bytes() for side in ("train", "test")
+    }
+    processed = sorted((repo / "data" / "processed").rglob("*.jpg"))[0]
+    old_bytes = processed.read_bytes()
+    for key, value in (("preprocess.jpeg_quality", 70), ("preprocess.size", 24)):
+        set_param(repo, key, value)
+        out = dvc(repo, "repro", "split").stdout
+        assert ran(out) == {"preprocess"}, out
+        assert "Stage 'split' didn't change" in out
+    assert processed.read_bytes() != old_bytes
+    after = {
+        side: (repo / "data" / "split" / f"{side}.csv").read_bytes() for side in ("train", "test")
+    }
+    assert after == before
+    (repo / "params.yaml").write_text(
+        (repo / "params.yaml").read_text().replace("jpeg_quality: 70", "jpeg_quality: 95")
+    )
+    set_param(repo, "preprocess.size", 32)
+    dvc(repo, "repro", "split")
+
+
+def test_a_class_with_one_image_fails_at_split_naming_it(repo: Path):
+    tiny = repo / "data" / "raw" / "tiny"
+    first = sorted((repo / "data" / "raw" / "safe" / "digit_0").glob("*.png"))[0]
+    tiny.mkdir()
+    # the same bytes under two classes would be a label conflict: change one pixel
     with Image.open(first) as img:
-        img.load()
-        img.save(first, format="PNG", compress_level=1)  # new bytes, same pixels
-    (raw / "caption.txt").write_text("a handwritten zero", encoding="utf-8")
-    out = dvc(repo, "repro", "split").stdout
-    assert ran(out) == {"preprocess"}, out
-    assert "Stage 'split' didn't change" in out
+        img = img.copy()
+    img.putpixel((0, 0), (1, 2, 3) if img.mode == "RGB" else 7)
+    img.save(tiny / "only.png")
+    try:
+        proc = dvc(repo, "repro", "split", check=False)
+        assert proc.returncode != 0
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(
+            "error: class 'tiny' has 1 usable image(s) ("
+        ), proc.stderr
+        assert "every class needs at least 1 in train, val and test, about 10 images" in errors[0]
+    finally:
+        (tiny / "only.png").unlink()
+        tiny.rmdir()
+    dvc(repo, "repro", "split")
+
+
+def test_a_positive_class_that_is_no_class_fails_before_any_work(repo: Path):
+    text = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(text.replace("positive_class: null", "positive_class: nsfw"))
+    try:
+        proc = dvc(repo, "repro", "-f", "preprocess", check=False)
+        assert proc.returncode != 0
+        assert (
+            "error: params.yaml: report.positive_class: 'nsfw' is not a class; raw/ has "
+            "'safe', 'sensitive' (set one of them, or null for the rarest)"
+        ) in proc.stderr.splitlines()
+    finally:
+        (repo / "params.yaml").write_text(text)

@@ -1,12 +1,18 @@
-"""The split stage: stable, stratified, leak-free."""
+"""The split stage: stable, stratified, leak-free, keyed on raw content."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from stages.split import Item, assign, check_counts, count_by_class, side_of
+import imagefactory as f
+from stages.config import StageError
+from stages.imaging import DecodeOptions
+from stages.preprocess import preprocess
+from stages.split import Item, assign, check_counts, count_by_class, read_manifest, side_of
 
 
 def items(n: int, label: str, start: int = 0) -> list[Item]:
@@ -68,11 +74,61 @@ def test_bad_fractions_are_refused(test_size, val_size):
 
 def test_counts_are_checked():
     one_class = count_by_class(assign(items(50, "a"), 0, 0.3, 0.1))
-    with pytest.raises(ValueError, match="at least two classes"):
-        check_counts(one_class)
-    counts = {"train": {"a": 10, "b": 0}, "val": {"a": 1, "b": 1}, "test": {"a": 3, "b": 1}}
-    with pytest.raises(ValueError, match="b have no training image"):
-        check_counts(counts)
-    counts["train"]["b"] = 4
-    counts["test"]["b"] = 0
-    assert check_counts(counts) == ["class b has no test image"]
+    with pytest.raises(StageError, match="at least two classes"):
+        check_counts(one_class, 0.3, 0.1)
+    counts = {"train": {"a": 10, "b": 4}, "val": {"a": 1, "b": 1}, "test": {"a": 3, "b": 1}}
+    assert check_counts(counts, 0.3, 0.15) is None
+
+
+def test_a_class_missing_from_a_side_fails_naming_class_counts_and_need():
+    counts = count_by_class(assign(items(60, "a") + items(1, "tiny"), 0, 0.3, 0.15))
+    with pytest.raises(StageError) as info:
+        check_counts(counts, 0.3, 0.15)
+    have = {side: counts[side]["tiny"] for side in ("train", "val", "test")}
+    assert str(info.value) == (
+        f"class 'tiny' has 1 usable image(s) ({have['train']} train, {have['val']} val, "
+        f"{have['test']} test): every class needs at least 1 in train, val and test, about "
+        "10 images with split.test_size 0.3 and split.val_size 0.15; add images or remove "
+        "the class"
+    )
+
+
+def raw_folder(root: Path) -> Path:
+    """A few dozen raw files of several kinds in two classes."""
+    raw = root / "raw"
+    for i in range(24):
+        f.write(raw / "safe" / "photos" / f"p{i}.jpg", f.jpeg(i, size=(120, 80)))
+        f.write(raw / "sensitive" / "scans" / f"s{i}.png", f.png(100 + i, size=(60, 90)))
+    f.write(raw / "sensitive" / "scans" / "alpha.png", f.rgba_png(128))
+    f.write(raw / "safe" / "photos" / "cmyk.jpg", f.cmyk_jpeg())
+    return raw
+
+
+def test_membership_does_not_depend_on_preprocess_params(tmp_path):
+    """Changing size, jpeg_quality or mode changes every processed byte but moves no raw
+    file between train, val and test."""
+    raw = raw_folder(tmp_path)
+    base = DecodeOptions(size=32, mode="pad")
+    variants = {
+        "base": (base, 95),
+        "size": (replace(base, size=48), 95),
+        "quality": (base, 60),
+        "mode": (replace(base, mode="crop"), 95),
+    }
+    memberships, processed_bytes = {}, {}
+    for name, (options, quality) in variants.items():
+        out = tmp_path / name
+        outcomes, _ = preprocess(
+            raw, out / "processed", out / "invalid", out / "manifest.csv", tmp_path / "cache",
+            options, quality, 1, out,
+        )  # fmt: skip
+        raw_of = {f"processed/{o.output}": o.raw.rel for o in outcomes if o.status == "processed"}
+        sides = assign(read_manifest(out / "manifest.csv", "processed/"), 5, 0.3, 0.2)
+        memberships[name] = {s: sorted(raw_of[i.path] for i in g) for s, g in sides.items()}
+        processed_bytes[name] = {
+            p: (out / p).read_bytes() for p in sorted(raw_of) if (out / p).is_file()
+        }
+    assert len(memberships["base"]["train"]) + len(memberships["base"]["test"]) > 30
+    for name in ("size", "quality", "mode"):
+        assert memberships[name] == memberships["base"], name
+        assert processed_bytes[name] != processed_bytes["base"], name

@@ -13,6 +13,8 @@ from PIL import Image
 
 from stages import model as mdl
 from stages import train as trn
+from stages.config import PATHS, load_params
+from stages.imaging import DecodeOptions
 
 SIZE = 16
 
@@ -41,7 +43,7 @@ def images(tmp_path_factory) -> tuple[list[str], np.ndarray]:
     return paths, trn.encode_labels(labels, ["a", "b"])
 
 
-CFG = {"learning_rate": 3e-3, "patience": 5, "epochs": 2, "backbone": "small_cnn"}
+CFG = load_params(PATHS.params).train.model_copy(update={"learning_rate": 3e-3, "patience": 5})
 
 
 def tiny_model(seed: int = 1) -> keras.Model:
@@ -54,7 +56,8 @@ def train_once(images, epochs: int = 2) -> tuple[keras.Model, list[dict]]:
     ds = trn.make_dataset(paths, y, SIZE, 8, shuffle=True, seed=7)
     val = trn.make_dataset(paths, y, SIZE, 16)
     model = tiny_model()
-    rows = trn.fit(model, ds, val, {**CFG, "epochs": epochs}, trn.class_weights(y, 2, "auto"))
+    cfg = CFG.model_copy(update={"epochs": epochs})
+    rows = trn.fit(model, ds, val, cfg, trn.class_weights(y, 2, "auto"))
     return model, rows
 
 
@@ -112,9 +115,11 @@ def test_read_list_and_data_hash(tmp_path):
     with lst.open("w", newline="") as fh:
         csv.writer(fh).writerows([("path", "label", "sha256"), ("data/x.jpg", "a", "00")])
     assert trn.read_list(lst) == (["data/x.jpg"], ["a"])
-    h1 = trn.data_hash([lst])
+    options = DecodeOptions(size=32)
+    h1 = trn.data_hash([lst], options)
+    assert trn.data_hash([lst], DecodeOptions(size=32, jpeg_quality=80)) != h1
     lst.write_text(lst.read_text().replace("00", "01"))
-    assert trn.data_hash([lst]) != h1
+    assert trn.data_hash([lst], options) != h1
     with pytest.raises(FileNotFoundError, match="split"):
         trn.read_list(tmp_path / "missing.csv")
 
