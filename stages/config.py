@@ -163,9 +163,9 @@ def import_tensorflow() -> Any:
     ignore ``TF_CPP_MIN_LOG_LEVEL``, kept off the terminal: they are logged at DEBUG."""
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
-    from stages.capture import CapturedStderr
+    from stages.capture import CapturedOutput
 
-    with CapturedStderr() as said:
+    with CapturedOutput() as said:
         import keras  # noqa: F401  (Keras 3 imports TensorFlow, its backend)
         import tensorflow as tf
     if said.text:

@@ -7,7 +7,8 @@ Outputs (``data/raw`` is only ever read):
 - ``data/invalid/<class>/<flat name>``: byte copies of unusable files (the origin's
   quarantine), files outside any class folder go to ``data/invalid/_unlabelled/``;
 - ``data/manifest.csv``: one row per raw file with its class, subclass, SHA-256 and
-  outcome (``processed``, ``invalid`` with the reason in words, or ``skipped``).
+  outcome (``processed``, ``invalid`` with the reason in words, or ``skipped``), and
+  ``flags`` (``blank`` for a near-uniform processed image: kept, but worth a look).
 
 Rules:
 
@@ -21,16 +22,25 @@ Rules:
 - Hidden files (``.DS_Store``) and sidecar files by extension (``.txt`` captions, ``.json``,
   ...) are not images and not errors: they are listed as ``skipped`` and not copied.
   Everything else is decoded by content (so upper-case or missing extensions are fine).
+- A file whose decode takes longer than ``decode_timeout`` seconds is quarantined with a
+  ``timeout`` reason (its worker process is stopped and replaced) and the stage goes on.
+- What decoder libraries print (libtiff writes to fd 2 directly) never reaches the log
+  raw: it is added to the reason of an invalid file, or logged at DEBUG for a usable one.
+  The log gets one summary of invalid files (counts by kind, the first few), not a line
+  per file.
 
 Incremental: results are cached by (content hash, processing settings, code version) in a
 folder outside the DVC outs, and file hashes by (path, size, mtime), so a rerun decodes
-only new or changed content.
+only new or changed content. Timeouts are not cached (the limit is not part of the key).
+Temporary files (``*.<pid>.tmp``) a killed run left behind are deleted at the start of
+the next run, unless their process is still alive.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -40,14 +50,19 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import PIL
+import psutil
+from pebble import ProcessExpired, ProcessPool
 from tqdm import tqdm
 
 from stages import imaging
-from stages.config import PATHS, digest, load_params, section, setup_logging
+from stages.capture import CapturedOutput
+from stages.config import PATHS, StageError, digest, load_params, setup_logging, stage_main
 from stages.imaging import DecodeOptions, InvalidImage
 
 log = logging.getLogger(__name__)
@@ -56,7 +71,17 @@ SIDECAR_SUFFIXES = frozenset(
     {".txt", ".json", ".xml", ".csv", ".tsv", ".md", ".yaml", ".yml", ".xmp", ".ini", ".db"}
 )
 UNLABELLED = "_unlabelled"
-MANIFEST_FIELDS = ("raw_path", "class", "subclass", "sha256", "status", "output_path", "reason")
+MANIFEST_FIELDS = (
+    "raw_path",
+    "class",
+    "subclass",
+    "sha256",
+    "status",
+    "output_path",
+    "reason",
+    "flags",
+)
+BLANK = "blank"  # flag of a processed image that is near-uniform (imaging.is_blank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +113,7 @@ class Outcome:
     status: str  # processed | invalid | skipped
     output: str
     reason: str
+    flags: str = ""  # "blank" for a near-uniform processed image, else empty
 
 
 def scan_raw(raw: Path) -> list[RawFile]:
@@ -155,8 +181,14 @@ def label_conflicts(hashes: dict[str, str], files: Iterable[RawFile]) -> dict[st
     return reasons
 
 
-def decide(files: list[RawFile], hashes: dict[str, str], errors: dict[str, str]) -> list[Outcome]:
-    """Turn hashes and decode errors into one outcome per raw file (pure)."""
+def decide(
+    files: list[RawFile],
+    hashes: dict[str, str],
+    errors: dict[str, str],
+    flags: dict[str, str] | None = None,
+) -> list[Outcome]:
+    """Turn hashes, decode errors and image flags into one outcome per raw file (pure)."""
+    flags = flags or {}
     conflicts = label_conflicts(hashes, (f for f in files if f.rel not in errors))
     candidates = [f for f in files if f.skip_reason is None]
     good = [f for f in candidates if f.label is not None and f.rel not in errors]
@@ -172,7 +204,8 @@ def decide(files: list[RawFile], hashes: dict[str, str], errors: dict[str, str])
         if f.skip_reason is not None:
             outcomes.append(Outcome(f, sha, "skipped", "", f.skip_reason))
         elif f.rel in good_set:
-            outcomes.append(Outcome(f, sha, "processed", f"{folder}/{processed_names[f.rel]}", ""))
+            output = f"{folder}/{processed_names[f.rel]}"
+            outcomes.append(Outcome(f, sha, "processed", output, "", flags.get(f.rel, "")))
         else:
             reason = (
                 "not inside a class folder"
@@ -196,21 +229,28 @@ def code_version() -> str:
 
 @dataclass(frozen=True)
 class Cache:
-    """Processed JPEG (``.jpg``) or invalid reason (``.err``) per content hash."""
+    """Per content hash: the processed JPEG (``.jpg``, or ``.blank.jpg`` for a near-uniform
+    image, so the flag costs no extra file) or the invalid reason (``.err``)."""
 
     folder: Path
 
     def entry(self, sha: str, ext: str) -> Path:
         return self.folder / sha[:2] / f"{sha}{ext}"
 
-    def lookup(self, sha: str) -> tuple[bool, str | None]:
-        """(found, invalid reason or None)."""
+    def jpeg(self, sha: str, flags: str) -> Path:
+        """The processed JPEG of ``sha`` with these flags."""
+        return self.entry(sha, ".blank.jpg" if flags == BLANK else ".jpg")
+
+    def lookup(self, sha: str) -> tuple[bool, str | None, str]:
+        """(found, invalid reason or None, flags); one stat for the common case."""
         if self.entry(sha, ".jpg").is_file():
-            return True, None
+            return True, None, ""
+        if self.entry(sha, ".blank.jpg").is_file():
+            return True, None, BLANK
         err = self.entry(sha, ".err")
         if err.is_file():
-            return True, err.read_text(encoding="utf-8")
-        return False, None
+            return True, err.read_text(encoding="utf-8"), ""
+        return False, None, ""
 
     def store(self, sha: str, ext: str, blob: bytes) -> None:
         target = self.entry(sha, ext)
@@ -220,10 +260,26 @@ class Cache:
         tmp.replace(target)
 
 
+def process_image(data: bytes, options: DecodeOptions, quality: int) -> tuple[bytes, str]:
+    """Decode, fit and re-encode one image; returns (JPEG bytes, flags).
+
+    ``flags`` is ``"blank"`` when the picture part of the fitted image (padding excluded)
+    is near-uniform. Raises InvalidImage with the reason.
+    """
+    img = imaging.load_rgb(data, options)
+    fitted, content = imaging.fit_square_content(img, options)
+    flags = BLANK if imaging.is_blank(content) else ""
+    return imaging.encode_jpeg(fitted, quality), flags
+
+
 def process_bytes(data: bytes, options: DecodeOptions, quality: int) -> bytes:
     """Decode, fit and re-encode one image (raises InvalidImage with the reason)."""
-    img = imaging.load_rgb(data, options)
-    return imaging.encode_jpeg(imaging.fit_square(img, options), quality)
+    return process_image(data, options, quality)[0]
+
+
+# --- third-party decoder messages --------------------------------------------------------
+
+# --- workers -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -236,26 +292,42 @@ class Job:
     quality: int
 
 
-def run_task(job: Job, rel: str, known_sha: str | None) -> tuple[str, str, str | None, bool]:
+class TaskResult(NamedTuple):
+    """What a worker found for one raw file; ``messages``: decoder output of a file that was
+    still usable (for the debug log)."""
+
+    rel: str
+    sha: str
+    error: str | None
+    decoded: bool
+    flags: str = ""
+    messages: str = ""
+
+
+def run_task(job: Job, rel: str, known_sha: str | None) -> TaskResult:
     """Worker: hash one raw file, then fill the cache for it.
 
-    Returns ``(rel, sha, error, decoded)``.
+    What decoders print while it runs is kept: appended to the reason of an invalid file,
+    returned in ``messages`` for a usable one; nothing reaches the stage's stderr.
     """
     try:
         data = (job.raw / rel).read_bytes()
     except OSError as exc:
-        return rel, known_sha or "", f"unreadable file: {exc.strerror or exc}", False
+        return TaskResult(rel, known_sha or "", f"unreadable file: {exc.strerror or exc}", False)
     sha = hashlib.sha256(data).hexdigest()
-    found, error = job.cache.lookup(sha)
+    found, error, flags = job.cache.lookup(sha)
     if found:
-        return rel, sha, error, False
+        return TaskResult(rel, sha, error, False, flags)
+    said = CapturedOutput()
     try:
-        job.cache.store(sha, ".jpg", process_bytes(data, job.options, job.quality))
-        return rel, sha, None, True
+        with said:
+            blob, flags = process_image(data, job.options, job.quality)
     except InvalidImage as exc:
-        error = str(exc)
-    job.cache.store(sha, ".err", error.encode())
-    return rel, sha, error, True
+        reason = f"{exc} (decoder said: {said.text})" if said.text else str(exc)
+        job.cache.store(sha, ".err", reason.encode())
+        return TaskResult(rel, sha, reason, True)
+    job.cache.store(sha, ".blank.jpg" if flags == BLANK else ".jpg", blob)
+    return TaskResult(rel, sha, None, True, flags, said.text)
 
 
 _JOB: Job | None = None
@@ -266,23 +338,81 @@ def _init_worker(job: Job) -> None:
     _JOB = job
 
 
-def _pool_task(args: tuple[str, str | None]) -> tuple[str, str, str | None, bool]:
+def _pool_task(args: tuple[str, str | None]) -> TaskResult:
     assert _JOB is not None
     return run_task(_JOB, *args)
 
 
+def timeout_reason(seconds: float) -> str:
+    """The invalid reason of a file whose decode ran past the limit."""
+    return f"timeout: decode took longer than {seconds:g} s"
+
+
+def _file_sha(path: str) -> str:
+    """SHA-256 of a file, or "" when it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return ""
+
+
+def _lost_task(job: Job, task: tuple[str, str | None], error: str) -> TaskResult:
+    """The result of a task whose worker was stopped (timeout) or died; never cached, so a
+    rerun (say with a larger limit) tries again."""
+    rel, known = task
+    return TaskResult(rel, known or _file_sha(os.path.join(job.raw, rel)), error, True)
+
+
 def run_tasks(
-    job: Job, tasks: list[tuple[str, str | None]], workers: int
-) -> Iterator[tuple[str, str, str | None, bool]]:
-    """Run tasks on a process pool (inline when small), yielding results as they finish."""
-    if workers <= 1 or len(tasks) < 32:
+    job: Job,
+    tasks: list[tuple[str, str | None]],
+    workers: int,
+    timeout: float | None = None,
+) -> Iterator[TaskResult]:
+    """Run tasks, yielding results as they finish.
+
+    Without ``timeout``, a small batch or one worker runs inline. With it, every batch runs
+    on a pebble process pool (one task per file, at most ``timeout`` seconds each): a worker
+    past the limit is stopped and replaced, and its file gets a ``timeout`` reason. A worker
+    that dies (a decoder crash) quarantines its file too instead of stopping the stage.
+    """
+    if not tasks:
+        return
+    if timeout is None and (workers <= 1 or len(tasks) < 32):
         for task in tasks:
             yield run_task(job, *task)
         return
+    size = max(1, min(workers, len(tasks)))
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    chunk = max(1, min(64, len(tasks) // (workers * 8)))
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
-        yield from pool.imap_unordered(_pool_task, tasks, chunksize=chunk)
+    pool = ProcessPool(size, initializer=_init_worker, initargs=(job,), context=ctx)
+    todo = iter(tasks)
+    pending: dict[Future, tuple[str, str | None]] = {}
+    finished = False
+    try:
+        while True:
+            for task in itertools.islice(todo, size * 8 - len(pending)):  # bounded memory
+                pending[pool.schedule(_pool_task, args=(task,), timeout=timeout)] = task
+            if not pending:
+                break
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = pending.pop(future)
+                try:
+                    yield future.result()
+                except TimeoutError:
+                    assert timeout is not None
+                    yield _lost_task(job, task, timeout_reason(timeout))
+                except ProcessExpired as exc:
+                    reason = f"decoder crashed: worker process died (exit code {exc.exitcode})"
+                    yield _lost_task(job, task, reason)
+        finished = True
+    finally:
+        if finished:
+            pool.close()
+        else:  # the caller stopped early or a task failed: do not wait for the rest
+            pool.stop()
+        pool.join()
 
 
 # --- records kept between runs: file hashes by stat, and what the last sync wrote --------
@@ -345,15 +475,20 @@ class Stats:
 
 
 def hash_and_process(
-    files: list[RawFile], job: Job, workers: int, state: State
-) -> tuple[dict[str, str], dict[str, str], Stats]:
+    files: list[RawFile],
+    job: Job,
+    workers: int,
+    state: State,
+    decode_timeout: float | None = None,
+) -> tuple[dict[str, str], dict[str, str], dict[str, str], Stats]:
     """Hash every image candidate and make sure its result is in the cache.
 
-    Returns (sha by raw path, invalid reason by raw path, stats).
+    Returns (sha by raw path, invalid reason by raw path, flags by raw path, stats).
     """
     start = time.perf_counter()
     hashes: dict[str, str] = {}
     errors: dict[str, str] = {}
+    flags: dict[str, str] = {}
     stats = Stats(files=len(files))
     tasks: list[tuple[str, str | None]] = []
     stat_of: dict[str, tuple[int, int]] = {}  # only files that go to a worker
@@ -364,28 +499,64 @@ def hash_and_process(
         st = os.stat(path)
         sha = state.known_sha(path, st.st_size, st.st_mtime_ns)
         if sha is not None:
-            found, error = job.cache.lookup(sha)
+            found, error, flag = job.cache.lookup(sha)
             if found:
                 hashes[f.rel] = sha
                 if error is not None:
                     errors[f.rel] = error
+                if flag:
+                    flags[f.rel] = flag
                 stats.cached += 1
                 continue
         tasks.append((f.rel, sha))
         stat_of[f.rel] = (st.st_size, st.st_mtime_ns)
     bar = tqdm(total=len(tasks), desc="preprocess", unit="img", mininterval=0.5, disable=None)
     with bar:
-        for rel, sha, error, decoded in run_tasks(job, tasks, workers):
+        for rel, sha, error, decoded, flag, messages in run_tasks(
+            job, tasks, workers, decode_timeout
+        ):
             hashes[rel] = sha
             if error is not None:
                 errors[rel] = error
+            if flag:
+                flags[rel] = flag
+            if messages:
+                log.debug("decoder messages for usable %s: %s", rel, messages)
             if sha:
                 state.remember_sha(os.path.join(job.raw, rel), *stat_of[rel], sha)
             stats.decoded += int(decoded)
             stats.cached += int(not decoded)
             bar.update()
     stats.seconds = time.perf_counter() - start
-    return hashes, errors, stats
+    return hashes, errors, flags, stats
+
+
+def temp_owner(name: str) -> int | None:
+    """The process id in a temporary file name ``<anything>.<pid>.tmp``, or None."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or ext != "tmp":
+        return None
+    pid = stem.rpartition(".")[2]
+    return int(pid) if pid.isascii() and pid.isdigit() and int(pid) > 0 else None
+
+
+def remove_stale_temp_files(folders: Iterable[Path]) -> int:
+    """Delete the temporary files (``*.<pid>.tmp``) a killed run left under ``folders``;
+    returns how many. A file whose process is still alive is kept: queued experiments
+    share the content cache and may be writing it right now."""
+    removed = 0
+    for folder in folders:
+        for dirpath, _, filenames in os.walk(folder):
+            for name in filenames:
+                pid = temp_owner(name)
+                if pid is None or psutil.pid_exists(pid):
+                    continue
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+                except FileNotFoundError:  # another run cleaned it first
+                    pass
+    return removed
 
 
 def sync_outputs(
@@ -410,7 +581,7 @@ def sync_outputs(
     for o in outcomes:
         if o.status == "processed":
             target = os.path.join(processed, o.output)
-            source = cache.entry(o.sha256, ".jpg")
+            source = cache.jpeg(o.sha256, o.flags)
             tag = f"{cache.folder.name}/{o.sha256}"
         elif o.status == "invalid":  # unreadable files have no hash: always rewritten
             target = os.path.join(invalid, o.output)
@@ -426,7 +597,7 @@ def sync_outputs(
         except FileNotFoundError:
             pass
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{target}.tmp"
+        tmp = f"{target}.{os.getpid()}.tmp"  # the pid tells a stale one from a live one
         try:
             shutil.copyfile(source, tmp)
         except OSError as exc:  # e.g. a raw file we may not read: listed, not copied
@@ -466,7 +637,16 @@ def write_manifest(
             out = bases[o.status] + o.output if o.status in bases else ""
             label = o.raw.label if o.raw.label is not None else ""
             writer.writerow(
-                (raw_at + o.raw.rel, label, o.raw.subclass, o.sha256, o.status, out, o.reason)
+                (
+                    raw_at + o.raw.rel,
+                    label,
+                    o.raw.subclass,
+                    o.sha256,
+                    o.status,
+                    out,
+                    o.reason,
+                    o.flags,
+                )
             )
 
 
@@ -489,18 +669,29 @@ def preprocess(
     quality: int,
     workers: int,
     root: Path,
+    *,
+    decode_timeout: float | None = None,
 ) -> tuple[list[Outcome], Stats]:
-    """Run the whole stage on explicit paths; returns the outcomes and timing stats."""
+    """Run the whole stage on explicit paths; returns the outcomes and timing stats.
+
+    ``decode_timeout``: seconds one file may take to decode (None: no limit); a file past
+    it is quarantined with a ``timeout`` reason, not cached, and the stage goes on.
+    """
+    if decode_timeout is not None and not decode_timeout > 0:
+        raise ValueError(f"decode_timeout must be positive seconds, got {decode_timeout}")
     check_layout(raw, (processed, invalid, manifest, cache_dir))
     files = scan_raw(raw)
     settings = {**options.to_dict(), "quality": quality, "code": code_version()}
     cache = Cache(cache_dir / "preprocess" / digest(settings))
+    stale = remove_stale_temp_files((processed, invalid, cache.folder))
+    if stale:
+        log.info("removed %d temporary file(s) left by an interrupted run", stale)
     state = State(cache_dir / "preprocess" / "state.sqlite")
     try:
         job = Job(raw, cache, options, quality)
-        hashes, errors, stats = hash_and_process(files, job, workers, state)
+        hashes, errors, flags, stats = hash_and_process(files, job, workers, state, decode_timeout)
         state.db.commit()
-        outcomes = decide(files, hashes, errors)
+        outcomes = decide(files, hashes, errors, flags)
         stats.written = sync_outputs(outcomes, raw, cache, processed, invalid, state)
     finally:
         state.close()
@@ -516,15 +707,60 @@ def summarize(outcomes: list[Outcome]) -> dict[str, dict[str, int]]:
     return {label: dict(sorted(c.items())) for label, c in sorted(table.items())}
 
 
-def main() -> int:
+def reason_kind(reason: str) -> str:
+    """What kind of problem an invalid reason is: its text before the first ``:`` or `` (``
+    (the details after it, an exception or a size, differ from file to file)."""
+    cut = min((i for i in (reason.find(":"), reason.find(" (")) if i > 0), default=len(reason))
+    return reason[:cut].strip()
+
+
+def problem_summary(
+    outcomes: Iterable[Outcome], manifest: str, raw: str = "", examples: int = 3
+) -> str:
+    """One block for the log about what needs a look, or "" when nothing does.
+
+    Invalid files are counted by :func:`reason_kind` (most frequent first), with the first
+    ``examples`` of them (raw path shown as ``raw`` + relative path, and reason) and where
+    every reason is (``manifest``); then the count of processed images flagged blank.
+    """
+    total = 0
+    invalid: list[Outcome] = []
+    blank = 0
+    for o in outcomes:
+        total += 1
+        if o.status == "invalid":
+            invalid.append(o)
+        elif o.status == "processed" and o.flags == BLANK:
+            blank += 1
+    lines: list[str] = []
+    if invalid:
+        kinds = Counter(reason_kind(o.reason) for o in invalid)
+        lines.append(f"{len(invalid)} of {total} file(s) invalid (every reason in {manifest}):")
+        lines += [f"  {n:>6}  {kind}" for kind, n in sorted(kinds.items(), key=_by_count)]
+        lines.append(f"  first {min(examples, len(invalid))}:")
+        for o in invalid[:examples]:
+            reason = o.reason if len(o.reason) <= 200 else o.reason[:197] + "..."
+            lines.append(f"    {raw}{o.raw.rel}: {reason}")
+    if blank:
+        lines.append(f"{blank} processed image(s) near-uniform, flagged {BLANK!r} in {manifest}")
+    return "\n".join(lines)
+
+
+def _by_count(item: tuple[str, int]) -> tuple[int, str]:
+    return -item[1], item[0]
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the project root when inside it, as in the manifest."""
+    return path.relative_to(PATHS.root).as_posix() if path.is_relative_to(PATHS.root) else str(path)
+
+
+@stage_main
+def main() -> None:
     params = load_params()
-    setup_logging(params.get("base", {}).get("log_level", "INFO"))
-    cfg = section(params, "preprocess")
+    setup_logging(params.base.log_level)
+    cfg = params.preprocess
     options = DecodeOptions.from_params(cfg)
-    workers = int(cfg.get("workers", 0)) or (os.cpu_count() or 1)
-    quality = int(cfg.get("jpeg_quality", 95))
-    if not 1 <= quality <= 100:
-        raise ValueError(f"preprocess.jpeg_quality must be 1-100, got {quality}")
     outcomes, stats = preprocess(
         PATHS.raw,
         PATHS.processed,
@@ -532,9 +768,10 @@ def main() -> int:
         PATHS.manifest,
         PATHS.cache,
         options,
-        quality,
-        workers,
+        options.jpeg_quality,
+        cfg.workers or (os.cpu_count() or 1),
         PATHS.root,
+        decode_timeout=cfg.decode_timeout,
     )
     for label, counts in summarize(outcomes).items():
         log.info("class %-12s %s", label, ", ".join(f"{k}: {v}" for k, v in counts.items()))
@@ -549,13 +786,13 @@ def main() -> int:
         stats.written,
         stats.seconds,
     )
-    for o in outcomes:
-        if o.status == "invalid":
-            log.warning("invalid: %s: %s", o.raw.rel, o.reason)
+    summary = problem_summary(outcomes, _shown(PATHS.manifest), f"{_shown(PATHS.raw)}/")
+    if summary:
+        log.warning("%s", summary)
     if not any(o.status == "processed" for o in outcomes):
-        log.error("no usable image under %s", PATHS.raw)
-        return 1
-    return 0
+        raise StageError(
+            f"no usable image under {_shown(PATHS.raw)}/ (see {_shown(PATHS.manifest)})"
+        )
 
 
 if __name__ == "__main__":

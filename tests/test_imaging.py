@@ -7,7 +7,16 @@ import pytest
 from PIL import Image
 
 import imagefactory as f
-from stages.imaging import DecodeOptions, InvalidImage, decode_array, fit_square, load_rgb
+from stages.imaging import (
+    BLANK_MAX_STD,
+    DecodeOptions,
+    InvalidImage,
+    decode_array,
+    fit_square,
+    fit_square_content,
+    is_blank,
+    load_rgb,
+)
 
 OPTS = DecodeOptions(size=16, mode="pad", background=(255, 255, 255))
 
@@ -139,3 +148,49 @@ def test_box_reduction_of_large_images_matches_a_direct_resize(mode):
         )
     mse = np.mean((ours - np.asarray(direct, dtype=np.float64)) ** 2)
     assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 35  # PSNR in dB
+
+
+@pytest.mark.parametrize(
+    ("size", "content_size"), [((40, 30), (16, 12)), ((30, 60), (8, 16)), ((20, 20), (16, 16))]
+)
+def test_fit_square_content_is_the_picture_without_padding(size, content_size):
+    from PIL import ImageOps
+
+    img = f.pattern(2, size)
+    fitted, content = fit_square_content(img, OPTS)
+    assert content.size == content_size
+    direct = ImageOps.pad(img, (16, 16), method=Image.Resampling.BICUBIC, color=OPTS.background)
+    assert fitted.tobytes() == direct.tobytes()  # fit_square's pixels are unchanged
+    assert fit_square(img, OPTS).tobytes() == direct.tobytes()
+
+
+def test_fit_square_content_in_crop_mode_is_the_whole_fitted_image():
+    fitted, content = fit_square_content(
+        f.pattern(2, (40, 30)), DecodeOptions(size=16, mode="crop")
+    )
+    assert fitted.size == (16, 16) and content is fitted
+
+
+def two_values(low: int, high: int, mode: str = "RGB") -> Image.Image:
+    """Half the pixels ``low``, half ``high``: a standard deviation of (high - low) / 2."""
+    img = Image.new(mode, (10, 10), (low,) * len(mode) if mode != "L" else low)
+    img.paste((high,) * len(mode) if mode != "L" else high, (0, 0, 5, 10))
+    return img
+
+
+@pytest.mark.parametrize(
+    ("img", "blank"),
+    [
+        (Image.new("RGB", (9, 7), (3, 200, 9)), True),
+        (two_values(100, 103), True),  # std 1.5
+        (two_values(100, 104), False),  # std 2.0: not below the limit
+        (two_values(100, 103, "L"), True),
+        (two_values(0, 255, "L"), False),
+        (f.pattern(1), False),
+        (Image.new("RGB", (0, 5)), True),
+    ],
+    ids=["solid", "std-1.5", "std-2.0", "gray-std-1.5", "gray-halves", "noise", "empty"],
+)
+def test_is_blank_is_a_standard_deviation_below_the_limit(img, blank):
+    assert BLANK_MAX_STD == 2.0
+    assert is_blank(img) is blank
