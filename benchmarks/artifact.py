@@ -1,26 +1,35 @@
-"""A model artifact following the project's contract, for the serving and report figures.
+"""Model artifacts following the project's contracts, for the serving and memory figures.
 
-``models/model.keras`` takes ``(None, size, size, 3)`` pixels 0-255 and outputs class
-probabilities; ``models/metadata.json`` holds ``class_names``, ``image_size``, ``decode``,
-``backbone``, ``params_digest``, ``data_hash``, ``mlflow_run_id`` and ``created``. The
-network is the project's own :func:`stages.model.build_model` (untrained weights: speed,
-not accuracy, is measured), falling back to a small CNN if that module is not there.
+- :func:`write_candidate`: what ``train`` writes and ``report`` reads,
+  ``models/candidate/model.keras`` (``(None, size, size, 3)`` pixels 0-255 in, class
+  probabilities out) and ``models/candidate/metadata.json``;
+- :func:`write_served_bundle`: what ``promote`` writes and the server loads,
+  ``models/bundle.zip`` (:mod:`stages.bundle`: the model plus ``bundle.json`` with the
+  decode settings, an operating threshold and a passed gate).
+
+The network is the project's own :func:`stages.model.build_model` (untrained weights: speed
+and memory, not accuracy, are measured), falling back to a small CNN if that module is not
+there. The bundle's gate and metrics are marked as the benchmark's, not measured ones.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from stages.bundle import write_bundle
 from stages.config import digest
 from stages.imaging import DecodeOptions
 
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("safe", "sensitive")
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+BUNDLE_FILE = "bundle.zip"
 
 
 def build(size: int, backbone: str) -> Any:
@@ -39,21 +48,62 @@ def build(size: int, backbone: str) -> Any:
     return build_model(size, len(CLASS_NAMES), backbone=backbone, weights="none", seed=0)
 
 
-def write_model(models: Path, size: int, backbone: str = "small_cnn") -> Path:
-    """Write ``model.keras`` + ``metadata.json`` into ``models``; returns the folder."""
-    models.mkdir(parents=True, exist_ok=True)
-    model = build(size, backbone)
-    model.save(models / "model.keras")
-    options = DecodeOptions(size=size)
-    meta = {
+def save_model(path: Path, size: int, backbone: str = "small_cnn") -> Path:
+    """Build the classifier and save it as a ``.keras`` file at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build(size, backbone).save(path)
+    return path
+
+
+def metadata(size: int, backbone: str) -> dict[str, Any]:
+    """``metadata.json`` as ``train`` writes it for a candidate."""
+    return {
         "class_names": list(CLASS_NAMES),
+        "class_counts": dict.fromkeys(CLASS_NAMES, 1),
         "image_size": size,
-        "decode": options.to_dict(),
+        "decode": DecodeOptions(size=size).to_dict(),
         "backbone": backbone,
         "params_digest": digest({"bench": backbone, "size": size}),
         "data_hash": "benchmark",
+        "git_commit": None,
         "mlflow_run_id": None,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "run_name": f"bench-{backbone}-{size}",
     }
-    (models / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return models
+
+
+def bundle_info(size: int, backbone: str) -> dict[str, Any]:
+    """``bundle.json`` as ``promote`` writes it (threshold and gate are placeholders)."""
+    meta = metadata(size, backbone)
+    keys = ("class_names", "image_size", "decode", "backbone", "data_hash", "params_digest")
+    return {
+        **{k: meta[k] for k in keys},
+        "operating_point": {
+            "positive_class": CLASS_NAMES[-1],
+            "threshold": 0.5,
+            "target_recall": None,
+        },
+        "gate": {"metric": "accuracy", "min_value": 0.0, "value": None, "passed": True},
+        "metrics": {},
+        "git_commit": None,
+        "mlflow_run_id": None,
+        "run_name": meta["run_name"],
+    }
+
+
+def write_candidate(folder: Path, size: int, backbone: str = "small_cnn") -> Path:
+    """``model.keras`` + ``metadata.json`` in ``folder`` (a ``models/candidate``)."""
+    save_model(folder / MODEL_FILE, size, backbone)
+    text = json.dumps(metadata(size, backbone), indent=2) + "\n"
+    (folder / METADATA_FILE).write_text(text, encoding="utf-8")
+    return folder
+
+
+def write_served_bundle(
+    path: Path, size: int, backbone: str = "small_cnn", model_file: Path | None = None
+) -> Path:
+    """The bundle the server loads, at ``path``; from ``model_file`` when given (so a
+    baseline can serve the very same model), else from a freshly built model."""
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
+        model = model_file or save_model(Path(tmp) / MODEL_FILE, size, backbone)
+        write_bundle(path, model, bundle_info(size, backbone))
+    return path

@@ -34,7 +34,7 @@ from benchmarks.common import (
     temp_dir,
 )
 from benchmarks.corpus import Corpus
-from stages.config import load_params, section
+from stages.config import load_params
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
     from stages.train import encode_labels
 
     result = Result("input", "Input pipeline")
-    cfg = section(load_params(), "train")
+    cfg = load_params().train.model_dump()
     batch = int(cfg.get("batch_size", 32))
     with temp_dir(settings, "input") as tmp:
         root = copy_project(tmp / "proj", {"preprocess": {"size": SIZE}})

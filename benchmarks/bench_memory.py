@@ -2,10 +2,11 @@
 
 Both stages run as their real entry points (``python -m stages.preprocess``,
 ``python -m stages.report``) in a copy of the project whose ``data/raw`` holds N files of
-the small-file tree (N = 1,000, 5,000, 20,000). ``report`` gets an untrained model of the
-project's architecture and split lists putting 10% of the processed images in val and the
-rest in test. Streaming means the peak at the largest N stays near the peak at the
-smallest: the goal used is at most 25% growth for 20x the images.
+the small-file tree (N = 1,000, 5,000, 20,000). ``report`` gets an untrained candidate of
+the project's architecture (``models/candidate/``, as ``train`` writes it) and split lists
+putting 10% of the processed images in val and the rest in test. Streaming means the peak
+at the largest N stays near the peak at the smallest: the goal used is at most 25% growth
+for 20x the images.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.artifact import write_model
+from benchmarks.artifact import write_candidate
 from benchmarks.common import Figure, Result, Settings, copy_project, env, temp_dir
 from benchmarks.corpus import Corpus
 
@@ -128,7 +129,7 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
     peaks: dict[str, dict[int, dict]] = {"preprocess": {}, "report": {}}
     errors: dict[str, str] = {}
     with temp_dir(settings, "mem") as tmp:
-        models = None
+        candidate = None
         for n in sizes:
             root = copy_project(tmp / f"n{n}")
             count = subset(corpus.tree, n, root / "data" / "raw")
@@ -139,9 +140,9 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
             if "report" in errors:
                 continue
             try:
-                if models is None:
-                    models = write_model(tmp / "models", 32)
-                shutil.copytree(models, root / "models")
+                if candidate is None:
+                    candidate = write_candidate(tmp / "candidate", 32)
+                shutil.copytree(candidate, root / "models" / "candidate")
                 write_split(root)
                 peaks["report"][count] = peak_memory(
                     root,

@@ -1,18 +1,21 @@
 """Benchmark 5: our HTTP server against ``mlflow models serve`` on the same model.
 
 The model is the project's classifier at 224 px (MobileNetV2 backbone, untrained weights:
-the same compute as a trained one) written as ``models/model.keras`` + ``metadata.json``
-and logged as an MLflow Keras model into a SQLite store in a temp folder.
+the same compute as a trained one) saved once as ``model.keras``: our server loads it from a
+bundle (``models/bundle.zip``, as ``promote`` writes it), the baseline from an MLflow Keras
+model logged from the same file into a SQLite store in a temp folder.
 
 Payloads: the same 1080p JPEG photos from the corpus. Our server takes the image bytes
-(``POST /predict``) and decodes them itself. ``mlflow models serve`` only takes tensors as
-JSON, so its client sends ``{"inputs": [224x224x3 floats]}`` made with the same decoder,
-*precomputed before timing*: the baseline gets decoding and JSON encoding for free, which
-favours it. Both servers are up at once and measured in alternating rounds, from one
-asyncio client on the same machine.
+(``POST /predict``) and turns them into the model's input itself
+(:func:`stages.imaging.serving_input`: decode, fit, the training JPEG round trip).
+``mlflow models serve`` only takes tensors as JSON, so its client sends
+``{"inputs": [224x224x3 floats]}`` made by the same function, *precomputed before timing*:
+the baseline gets decoding and JSON encoding for free, which favours it. Both servers are
+up at once and measured in alternating rounds, from one asyncio client on the same
+machine.
 
-Also: the raw floor for one image, decode + a ``tf.function``-compiled model call in
-this process, against which our c=1 median latency is compared.
+Also: the raw floor for one image, ``serving_input`` + a ``tf.function``-compiled model
+call in this process, against which our c=1 median latency is compared.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.artifact import write_model
+from benchmarks.artifact import save_model, write_served_bundle
 from benchmarks.common import (
     PROJECT,
     Figure,
@@ -47,7 +50,7 @@ from benchmarks.common import (
     temp_dir,
 )
 from benchmarks.corpus import Corpus
-from stages.imaging import DecodeOptions, decode_array
+from stages.imaging import DecodeOptions, serving_input
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +168,8 @@ def log_mlflow_model(model_file: Path, store: Path, example: np.ndarray) -> str:
 
 
 def raw_floor(model_file: Path, payloads: list[bytes], options: DecodeOptions, n: int) -> float:
-    """Median ms of decode + one compiled model call on one image, in this process."""
+    """Median ms of the server's input step (``serving_input``) + one compiled model call
+    on one image, in this process."""
     import keras
     import tensorflow as tf
 
@@ -178,7 +182,7 @@ def raw_floor(model_file: Path, payloads: list[bytes], options: DecodeOptions, n
     times = []
     for i in range(n + 5):
         start = time.perf_counter()
-        arr = decode_array(payloads[i % len(payloads)], options)
+        arr = serving_input(payloads[i % len(payloads)], options)
         infer(arr[None].astype(np.float32)).numpy()
         if i >= 5:  # warm-up
             times.append((time.perf_counter() - start) * 1000)
@@ -197,18 +201,19 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
     max_seconds = 3.0 if settings.quick else 12.0
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with temp_dir(settings, "serve") as tmp:
-        models = write_model(tmp / "models", SIZE, BACKBONE)
-        floor = raw_floor(models / "model.keras", payloads, options, n1)
-        log.info("serving: raw decode + compiled call %.1f ms", floor)
-        tensors = [decode_array(b, options).astype(np.float32) for b in payloads]
-        model_uri = log_mlflow_model(models / "model.keras", tmp, tensors[0][None])
+        model_file = save_model(tmp / "model.keras", SIZE, BACKBONE)
+        bundle = write_served_bundle(tmp / "models" / "bundle.zip", SIZE, BACKBONE, model_file)
+        floor = raw_floor(model_file, payloads, options, n1)
+        log.info("serving: raw input step + compiled call %.1f ms", floor)
+        tensors = [serving_input(b, options).astype(np.float32) for b in payloads]
+        model_uri = log_mlflow_model(model_file, tmp, tensors[0][None])
         json_bodies = [json.dumps({"inputs": t[None].tolist()}).encode() for t in tensors]
         ours_port, ml_port = free_port(), free_port()
         ours_cmd = [
             sys.executable,
             "serve/server.py",
             "--model",
-            str(models),
+            str(bundle),
             "--http-port",
             str(ours_port),
             "--tcp-port",
@@ -278,10 +283,10 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
         "MLflow: `mlflow models serve -m <models:/ URI> --env-manager local` with its default "
         "of one uvicorn worker; JSON tensor bodies of "
         f"{np.mean([len(b) for b in json_bodies]) / 1e6:.1f} MB, decoded and encoded before "
-        "timing (free for the baseline). Ours: `python serve/server.py` with its defaults "
-        "(micro-batching, decode thread pool).",
-        f"Raw floor: {fmt(floor)} ms median for decode + `tf.function` model call on one "
-        "image in-process.",
+        "timing (free for the baseline). Ours: `python serve/server.py --model "
+        "models/bundle.zip` with its defaults (micro-batching, decode thread pool).",
+        f"Raw floor: {fmt(floor)} ms median for `serving_input` (decode, fit, the training "
+        "JPEG round trip) + `tf.function` model call on one image in-process.",
         f"py-spy of our server during a c=1 round (all threads, idle ones dropped): {profile}.",
         f"py-spy of the MLflow server (and its uvicorn worker) during a c=1 round: {ml_profile}.",
     ]
@@ -316,11 +321,11 @@ def _figures(rounds: dict[tuple[str, int], list[Round]], floor: float) -> list[F
     ours1 = rounds[("ours", 1)]
     figures.append(
         Figure(
-            "c=1 p50 vs raw decode + compiled model call",
+            "c=1 p50 vs raw input step + compiled model call",
             "ms",
             _med(ours1, "p50"),
             floor,
-            "in-process decode + tf.function call, one image",
+            "in-process serving_input + tf.function call, one image",
             goal_on="diff",
             goal_op="<=",
             goal_value=10.0,

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from serve.version import dvc_lock_record, shown_path
-from stages.bundle import Bundle, BundleError
+from stages.bundle import MODEL_ENTRY, Bundle, BundleError
 from stages.config import PATHS, import_tensorflow
 from stages.imaging import DecodeOptions, InvalidImage, serving_input
 
@@ -83,6 +83,9 @@ def _registry_version(uri: str) -> dict[str, Any] | None:
 
 def read_source(source: str | Path) -> tuple[Bundle, dict[str, Any]]:
     """The bundle behind ``source`` and where it came from (``/version``'s fields)."""
+    # errors name the source as /version does (they reach last_reload_error): never an
+    # absolute server path
+    label = str(source) if is_uri(source) else shown_path(bundle_path(source))
     try:
         if not is_uri(source):
             path = bundle_path(source)
@@ -92,7 +95,8 @@ def read_source(source: str | Path) -> tuple[Bundle, dict[str, Any]]:
                     "served only once promote has passed its quality gate)"
                 )
             bundle = Bundle.read(path)
-            return bundle, {"source": shown_path(path), "dvc_lock": dvc_lock_record(path)}
+            origin = {"source": shown_path(path), "dvc_lock": dvc_lock_record(path)}
+            return bundle, {**origin, "registry": None}
         import mlflow  # slow import: only when a URI is used
 
         tmp = Path(tempfile.mkdtemp(prefix="imgclf-bundle-"))
@@ -106,13 +110,15 @@ def read_source(source: str | Path) -> tuple[Bundle, dict[str, Any]]:
             bundle = Bundle.read(found[0])
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return bundle, {"source": str(source), "registry": _registry_version(str(source))}
+        # the same keys for every source: /version's shape does not depend on where from
+        origin = {"source": str(source), "dvc_lock": None}
+        return bundle, {**origin, "registry": _registry_version(str(source))}
     except BundleError as exc:
-        raise ModelLoadError(f"{source}: {exc}") from None
+        raise ModelLoadError(f"{label}: {exc}") from None
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"cannot load {source}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"cannot load {label}: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass
@@ -241,8 +247,11 @@ def _compile(model_bytes: bytes, size: int, n_classes: int) -> Any:
         path.write_bytes(model_bytes)
         try:
             model = keras.models.load_model(path, compile=False)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load the bundle's model: {exc}") from exc
+        except Exception as exc:  # Keras names the temporary file: keep it out
+            said = str(exc).replace(str(path), MODEL_ENTRY).replace(tmp, "")
+            raise ModelLoadError(
+                f"cannot load the bundle's model ({type(exc).__name__}: {said})"
+            ) from exc
     shape = tuple(model.input_shape)
     if shape[1:] != (size, size, 3):
         raise ModelLoadError(f"the bundle's model takes {shape[1:]}, its info says {size}x{size}x3")

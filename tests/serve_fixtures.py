@@ -1,39 +1,33 @@
-"""Helpers for the serving tests: tiny models following the artifact contract, and a real
-server process on loopback ports."""
+"""Helpers for the serving tests: tiny model bundles following the bundle contract
+(:mod:`stages.bundle`), and a real server process on loopback ports."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from benchmarks.common import stop_process
+from stages.bundle import FORMAT, INFO_ENTRY, MODEL_ENTRY, write_bundle
+from stages.imaging import DecodeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
-DECODE = {
-    "mode": "pad",
-    "background": [255, 255, 255],
-    "max_pixels": 89_478_485,
-    "formats": ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"],
-}
+BUNDLE_NAME = "bundle.zip"
+GATE = {"metric": "macro_f1", "min_value": 0.5, "value": 0.75, "passed": True}
+METRICS = {"accuracy": 0.8, "macro_f1": 0.75, "roc_auc": 0.9, "pr_auc": 0.85}
 
 
-def make_model(
-    folder: Path,
-    class_names: tuple[str, ...] = ("safe", "sensitive"),
-    size: int = 32,
-    seed: int = 0,
-    threshold: float | None = 0.4,
-    positive_class: str | None = None,
-) -> Path:
-    """Write ``model.keras``, ``metadata.json`` and (unless ``threshold`` is None)
-    ``operating_point.json`` into ``folder``, as the train and report stages would."""
+def save_tiny_model(path: Path, n_classes: int = 2, size: int = 32, seed: int = 0) -> Path:
+    """A real, tiny Keras classifier (0-255 pixels in, softmax out) saved at ``path``."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -43,50 +37,131 @@ def make_model(
             keras.layers.Rescaling(1 / 255),
             keras.layers.Conv2D(4, 3, activation="relu"),
             keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(len(class_names), activation="softmax"),
+            keras.layers.Dense(n_classes, activation="softmax"),
         ]
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save(folder / "model.keras")
-    meta = metadata(class_names, size)
-    (folder / "metadata.json").write_text(json.dumps(meta))
-    if threshold is not None:
-        op = {
-            "positive_class": positive_class or class_names[-1],
-            "target_recall": 0.9,
-            "threshold": threshold,
-            "val": {},
-            "test": {},
-        }
-        (folder / "operating_point.json").write_text(json.dumps(op))
-    return folder
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
 
 
-def metadata(class_names: tuple[str, ...], size: int) -> dict[str, Any]:
+def bundle_info(
+    class_names: tuple[str, ...] = ("safe", "sensitive"),
+    size: int = 32,
+    threshold: float = 0.4,
+    positive_class: str | None = None,
+    gate_passed: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """``bundle.json`` as ``promote`` writes it; ``extra`` adds or overrides keys (e.g.
+    ``mlflow_run_id``, or ``decode`` with another ``jpeg_quality``)."""
     return {
         "class_names": list(class_names),
         "image_size": size,
-        "decode": {"size": size, **DECODE},
+        "decode": DecodeOptions(size=size).to_dict(),
         "backbone": "tiny-test",
-        "params_digest": "test",
-        "data_hash": "test",
+        "operating_point": {
+            "positive_class": positive_class or class_names[-1],
+            "threshold": threshold,
+            "target_recall": 0.9,
+        },
+        "gate": {**GATE, "passed": gate_passed},
+        "metrics": dict(METRICS),
+        "data_hash": "test-data-hash",
+        "params_digest": "test-params",
+        "git_commit": "0123456789abcdef0123456789abcdef01234567",
         "mlflow_run_id": None,
-        "created": "2026-01-01T00:00:00Z",
+        "run_name": "test-run",
+        **extra,
     }
 
 
-class ServerProcess:
-    """``python serve/server.py ...`` on free loopback ports, stopped with SIGTERM."""
+def bundle_file(target: Path) -> Path:
+    """``target`` itself when it names a ``.zip``, else ``target/bundle.zip``."""
+    return target if target.suffix == ".zip" else target / BUNDLE_NAME
 
-    def __init__(self, tmp: Path, model_dir: Path, *extra: str):
+
+def write_raw_bundle(path: Path, info: Any, model_bytes: bytes, fmt: int | None = FORMAT) -> Path:
+    """A bundle zip built by hand, *without* :func:`write_bundle`'s checks: for bundles the
+    server must refuse (failed gate, missing keys, wrong format...). ``info`` is written as
+    given (plus ``format`` unless ``fmt`` is None)."""
+    if isinstance(info, dict) and fmt is not None:
+        info = {**info, "format": fmt}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(MODEL_ENTRY, model_bytes)
+        zf.writestr(INFO_ENTRY, json.dumps(info))
+    return path
+
+
+def make_bundle(
+    target: Path,
+    class_names: tuple[str, ...] = ("safe", "sensitive"),
+    size: int = 32,
+    seed: int = 0,
+    threshold: float = 0.4,
+    positive_class: str | None = None,
+    gate_passed: bool = True,
+    **extra: Any,
+) -> Path:
+    """Write a bundle holding a real tiny Keras model at ``target`` (a ``.zip`` path, or a
+    folder that gets ``bundle.zip``) as ``promote`` would; returns the bundle's path.
+
+    ``gate_passed=False`` gives a bundle whose gate failed: :func:`write_bundle` refuses
+    to write one, so that zip is built by hand (:func:`write_raw_bundle`).
+    """
+    path = bundle_file(target)
+    info = bundle_info(class_names, size, threshold, positive_class, gate_passed, **extra)
+    with tempfile.TemporaryDirectory(prefix="tiny-model-") as tmp:
+        model = save_tiny_model(Path(tmp) / "model.keras", len(class_names), size, seed)
+        if gate_passed:
+            write_bundle(path, model, info)
+        else:
+            write_raw_bundle(path, info, model.read_bytes())
+    return path
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def replace_atomically(src: Path, dest: Path) -> None:
+    """Copy ``src`` to a temporary name beside ``dest``, then rename it over ``dest`` (as
+    ``promote`` and ``dvc checkout`` replace a file: a reader never sees half of it)."""
+    tmp = dest.with_name(f".{dest.name}.incoming")
+    tmp.write_bytes(src.read_bytes())
+    os.replace(tmp, dest)
+
+
+def string_values(value: Any) -> list[str]:
+    """Every string in a JSON document (keys excluded), at any depth."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in string_values(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in string_values(v)]
+    return []
+
+
+def server_env() -> dict[str, str]:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+
+
+class ServerProcess:
+    """``python serve/server.py --model <bundle> ...`` on free loopback ports, stopped with
+    SIGTERM."""
+
+    def __init__(self, tmp: Path, bundle: Path, *extra: str):
         self.tmp = tmp
+        self.bundle = bundle
         self.ports_file = tmp / "ports.json"
         self.log_file = tmp / "server.log"
         cmd = [
             sys.executable,
             "serve/server.py",
             "--model",
-            str(model_dir),
+            str(bundle),
             "--http-port",
             "0",
             "--tcp-port",
@@ -95,9 +170,10 @@ class ServerProcess:
             str(self.ports_file),
             *extra,
         ]
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
         self._log = self.log_file.open("wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=self._log, env=env)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=self._log, stderr=self._log, env=server_env()
+        )
         self.http_port, self.tcp_port = self._wait_ports(timeout=90)
         self.url = f"http://127.0.0.1:{self.http_port}"
         self._wait_ready(timeout=30)

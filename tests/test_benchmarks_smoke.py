@@ -6,6 +6,7 @@ and reports (sections, numeric ratios, "not run" for what was not selected).
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+import imagefactory
 from benchmarks.__main__ import BENCHMARKS
 from benchmarks.common import Figure, Timing, repeat
+from stages.imaging import DecodeOptions
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +42,31 @@ def test_repeat_takes_the_median_of_returned_values():
     assert timing.samples == [3.0, 1.0, 2.0]
     assert timing.median == 2.0
     assert Timing([5.0]).median == 5.0
+
+
+def test_benchmark_artifacts_follow_the_serving_and_stage_contracts(tmp_path):
+    """What the serving benchmark gives the server is a loadable bundle; what the memory
+    benchmark gives ``report`` is a candidate as ``train`` writes it."""
+    from benchmarks.artifact import save_model, write_candidate, write_served_bundle
+    from serve.predictor import Predictor
+
+    model = save_model(tmp_path / "model.keras", 32)
+    bundle = write_served_bundle(tmp_path / "models" / "bundle.zip", 32, model_file=model)
+    p = Predictor.load(bundle)
+    assert p.class_names == ("safe", "sensitive") and p.decode == DecodeOptions(size=32)
+    assert p.operating_point.positive_class == "sensitive"
+    assert p.operating_point.threshold == 0.5
+    assert p.version["gate"]["passed"] is True
+    assert p.predict_arrays(p.decode_image(imagefactory.png(1))[None]).shape == (1, 2)
+
+    candidate = write_candidate(tmp_path / "candidate", 32)
+    assert sorted(x.name for x in candidate.iterdir()) == ["metadata.json", "model.keras"]
+    meta = json.loads((candidate / "metadata.json").read_text(encoding="utf-8"))
+    assert meta["class_names"] == ["safe", "sensitive"] and meta["image_size"] == 32
+    assert meta["class_counts"] == {"safe": 1, "sensitive": 1}
+    assert DecodeOptions.from_dict(meta["decode"]) == DecodeOptions(size=32)
+    for key in ("backbone", "params_digest", "data_hash", "run_name"):
+        assert isinstance(meta[key], str) and meta[key], key
 
 
 @pytest.mark.integration

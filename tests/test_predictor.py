@@ -1,11 +1,13 @@
-"""The shared predictor: loading, compiled batches, decisions, version hashes, MLflow URIs."""
+"""The shared predictor: loading bundles, compiled batches, decisions, version, MLflow URIs."""
 
 from __future__ import annotations
 
-import json
+import io
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -13,26 +15,41 @@ import yaml
 
 import imagefactory as f
 from serve.predictor import ModelLoadError, Predictor
-from serve.version import dir_md5, file_md5, model_version_info
-from serve_fixtures import make_model, metadata
-from stages.imaging import DecodeOptions, decode_array
+from serve_fixtures import (
+    bundle_info,
+    make_bundle,
+    md5,
+    save_tiny_model,
+    string_values,
+    write_raw_bundle,
+)
+from stages.bundle import INFO_ENTRY, MODEL_ENTRY
+from stages.imaging import DecodeOptions, decode_array, serving_input
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("model") / "models")
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "models")
 
 
 @pytest.fixture(scope="module")
-def predictor(model_dir):
-    p = Predictor.load(model_dir)
+def model_bytes(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model.keras").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle):
+    p = Predictor.load(bundle)
     p.warm((1, 4))
     return p
 
 
 def test_loads_contract_and_compiles_once(predictor):
     assert predictor.class_names == ("safe", "sensitive")
-    assert predictor.decode.size == 32
+    assert predictor.decode == DecodeOptions(size=32)
+    assert predictor.operating_point.positive_class == "sensitive"
+    assert predictor.operating_point.threshold == 0.4
+    assert predictor.operating_point.target_recall == 0.9
     for n in (1, 3, 7, 16):
         probs = predictor.predict_arrays(np.zeros((n, 32, 32, 3), np.uint8))
         assert probs.shape == (n, 2)
@@ -40,10 +57,31 @@ def test_loads_contract_and_compiles_once(predictor):
     assert predictor._infer.experimental_get_tracing_count() == 1  # one fixed signature
 
 
-def test_decodes_like_preprocess(predictor, tmp_path):
+def test_folder_holding_the_bundle_loads_the_same_bundle(bundle, predictor):
+    p = Predictor.load(bundle.parent)
+    assert p.version["bundle_md5"] == predictor.version["bundle_md5"] == md5(bundle)
+
+
+def test_decodes_exactly_what_training_read(predictor, tmp_path):
+    """Serving input is the training round trip: decode, fit, JPEG q95, TF decode."""
     path = f.write(tmp_path / "x.jpg", f.exif_rotated_jpeg())
-    expected = decode_array(path, DecodeOptions(size=32))
-    np.testing.assert_array_equal(predictor.decode_image(path), expected)
+    expected = serving_input(path, DecodeOptions(size=32, jpeg_quality=95))
+    got = predictor.decode_image(path)
+    assert got.dtype == np.uint8 and got.shape == (32, 32, 3)
+    np.testing.assert_array_equal(got, expected)
+    # the JPEG round trip is really there: not the plain fitted pixels
+    assert not np.array_equal(got, decode_array(path, DecodeOptions(size=32)))
+    np.testing.assert_array_equal(predictor.decode_image(path.read_bytes()), expected)
+
+
+def test_decode_uses_the_bundles_jpeg_quality(tmp_path):
+    decode = DecodeOptions(size=32, jpeg_quality=40).to_dict()
+    p = Predictor.load(make_bundle(tmp_path / "models", decode=decode))
+    assert p.decode.jpeg_quality == 40
+    path = f.write(tmp_path / "x.png", f.png(3))
+    at_40 = serving_input(path, DecodeOptions(size=32, jpeg_quality=40))
+    np.testing.assert_array_equal(p.decode_image(path), at_40)
+    assert not np.array_equal(at_40, serving_input(path, DecodeOptions(size=32)))
 
 
 def test_batch_answers_equal_single_answers(predictor, tmp_path):
@@ -62,120 +100,184 @@ def test_bad_file_gets_error_and_the_rest_run(predictor, tmp_path):
         f.write(tmp_path / "d.png", f.png(2)),
     ]
     out = dict(predictor.predict_paths(paths, batch_size=3))
-    assert "probabilities" in out[paths[0]] and "probabilities" in out[paths[3]]
+    assert set(out[paths[0]]) == {"probabilities", "top_class", "top_probability", "decision"}
+    assert set(out[paths[3]]) == {"probabilities", "top_class", "top_probability", "decision"}
     assert "truncated" in out[paths[1]]["error"]
     assert "too many pixels" in out[paths[2]]["error"]
 
 
 def test_threshold_decision(predictor):
     d = predictor.decide({"safe": 0.61, "sensitive": 0.39})
-    assert d["label"] == "safe" and d["positive"] is False
+    assert d == {
+        "label": "safe",
+        "rule": "threshold",
+        "positive_class": "sensitive",
+        "threshold": 0.4,
+        "positive": False,
+    }
     d = predictor.decide({"safe": 0.6, "sensitive": 0.4})
     assert d["label"] == "sensitive" and d["positive"] is True and d["threshold"] == 0.4
 
 
-def test_without_operating_point_decision_is_argmax(tmp_path):
-    p = Predictor.load(make_model(tmp_path / "m", ("a", "b", "c"), threshold=None))
-    d = p.decide({"a": 0.2, "b": 0.5, "c": 0.3})
-    assert d["label"] == "b" and d["rule"] == "argmax" and "no operating_point" in d["note"]
+def test_threshold_decision_with_three_classes(tmp_path):
+    """Below the threshold, the label is the likeliest of the other classes."""
+    p = Predictor.load(make_bundle(tmp_path / "m", ("a", "b", "c"), threshold=0.5))
+    assert p.operating_point.positive_class == "c"
+    d = p.decide({"a": 0.2, "b": 0.35, "c": 0.45})
+    assert d["label"] == "b" and d["positive"] is False and d["rule"] == "threshold"
+    d = p.decide({"a": 0.05, "b": 0.45, "c": 0.5})
+    assert d["label"] == "c" and d["positive"] is True
 
 
-def test_operating_point_found_in_metrics_beside_models(tmp_path):
-    make_model(tmp_path / "models", threshold=0.7)
-    (tmp_path / "metrics").mkdir()
-    shutil.move(tmp_path / "models" / "operating_point.json", tmp_path / "metrics")
-    p = Predictor.load(tmp_path / "models")
-    assert p.operating_point.threshold == 0.7
+def test_describe(predictor):
+    answer = predictor.describe(np.array([0.7, 0.3], np.float32))
+    assert answer["top_class"] == "safe"
+    assert answer["top_probability"] == pytest.approx(0.7)
+    assert answer["probabilities"] == pytest.approx({"safe": 0.7, "sensitive": 0.3})
+    assert answer["decision"]["label"] == "safe"
 
 
-def test_max_pixels_only_tightens(model_dir):
-    assert Predictor.load(model_dir, max_pixels=1000).decode.max_pixels == 1000
-    assert Predictor.load(model_dir, max_pixels=10**12).decode.max_pixels == 89_478_485
+def test_max_pixels_only_tightens(bundle):
+    assert Predictor.load(bundle, max_pixels=1000).decode.max_pixels == 1000
+    assert Predictor.load(bundle, max_pixels=10**12).decode.max_pixels == 89_478_485
 
 
-@pytest.mark.parametrize(
-    ("breakage", "words"),
-    [
-        (lambda d: (d / "model.keras").unlink(), "no model.keras"),
-        (lambda d: (d / "metadata.json").unlink(), "no metadata.json"),
-        (lambda d: (d / "metadata.json").write_text("{oops"), "cannot read"),
-        (
-            lambda d: (d / "metadata.json").write_text(
-                json.dumps(metadata(("safe", "sensitive"), 48))
-            ),
-            "metadata says 48x48",
-        ),
-        (
-            lambda d: (d / "metadata.json").write_text(
-                json.dumps(metadata(("safe", "sensitive", "x"), 32))
-            ),
-            "outputs 2 values for 3 classes",
-        ),
-        (
-            lambda d: (d / "operating_point.json").write_text('{"positive_class": "dog"}'),
-            "numeric threshold",
-        ),
-        (
-            lambda d: (d / "operating_point.json").write_text(
-                '{"positive_class": "cat", "threshold": 0.5}'
-            ),
-            "not one of",
-        ),
-        (lambda d: (d / "model.keras").write_bytes(b"junk"), "cannot load"),
-    ],
-    ids=["no-model", "no-meta", "bad-json", "size", "classes", "op-keys", "op-class", "junk"],
-)
-def test_broken_model_folder_is_a_clear_error(tmp_path, model_dir, breakage, words):
-    broken = tmp_path / "models"
-    shutil.copytree(model_dir, broken)
-    breakage(broken)
-    with pytest.raises(ModelLoadError, match=words):
-        Predictor.load(broken)
+def _flip_model_byte(data: bytes) -> bytes:
+    """Change one byte inside the stored ``model.keras`` entry (its CRC no longer holds)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        offset = zf.getinfo(MODEL_ENTRY).header_offset
+    name_len, extra_len = struct.unpack("<HH", data[offset + 26 : offset + 30])
+    at = offset + 30 + name_len + extra_len + 200
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
 
 
-def test_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelLoadError, match="model folder not found"):
-        Predictor.load(tmp_path / "nowhere")
+def _info_without(key):
+    def build(tmp, model, good):
+        info = bundle_info()
+        del info[key]
+        return write_raw_bundle(tmp / "bundle.zip", info, model)
+
+    return build
 
 
-def test_version_hashes_match_dvc(tmp_path, model_dir):
-    """Our directory hash equals the one DVC computes; dvc.lock and the cache are read."""
+def _raw(fmt=1, **changes):
+    def build(tmp, model, good):
+        return write_raw_bundle(tmp / "bundle.zip", bundle_info(**changes), model, fmt)
+
+    return build
+
+
+def _bytes(make):
+    def build(tmp, model, good):
+        path = tmp / "bundle.zip"
+        path.write_bytes(make(good.read_bytes()))
+        return path
+
+    return build
+
+
+def _only_model(tmp, model, good):
+    with zipfile.ZipFile(tmp / "bundle.zip", "w") as zf:
+        zf.writestr(MODEL_ENTRY, model)
+    return tmp / "bundle.zip"
+
+
+def _info_not_json(tmp, model, good):
+    with zipfile.ZipFile(tmp / "bundle.zip", "w") as zf:
+        zf.writestr(MODEL_ENTRY, model)
+        zf.writestr(INFO_ENTRY, "{oops")
+    return tmp / "bundle.zip"
+
+
+BROKEN = {
+    "empty": (_bytes(lambda d: b""), "bundle.zip is empty"),
+    "truncated": (_bytes(lambda d: d[: len(d) // 2]), r"not a complete bundle \(BadZipFile"),
+    "junk": (_bytes(lambda d: b"PK junk" * 50), r"not a complete bundle \(BadZipFile"),
+    "crc": (_bytes(_flip_model_byte), r"bundle is corrupt \(CRC mismatch\)"),
+    "no-info": (_only_model, r"not a complete bundle \(KeyError"),
+    "info-not-json": (_info_not_json, r"not a complete bundle \(JSONDecodeError"),
+    "info-not-object": (
+        lambda tmp, model, good: write_raw_bundle(tmp / "bundle.zip", [1, 2], model),
+        "bundle.json must hold a JSON object",
+    ),
+    "no-op": (_info_without("operating_point"), "bundle.json lacks operating_point"),
+    "no-gate": (_info_without("gate"), "bundle.json lacks gate"),
+    "format": (_raw(fmt=2), "bundle format 2 is not 1"),
+    "no-format": (_raw(fmt=None), "bundle format None is not 1"),
+    "one-class": (_raw(class_names=("only",)), "at least two classes"),
+    "op-class": (_raw(positive_class="dog"), "does not fit the classes"),
+    "op-threshold": (_raw(threshold=1.5), "does not fit the classes"),
+    "gate-failed": (_raw(gate_passed=False), "did not pass its quality gate"),
+    "size": (_raw(size=48), r"takes \(32, 32, 3\), its info says 48x48x3"),
+    "classes": (_raw(class_names=("a", "b", "c")), "outputs 2 values for 3 classes"),
+    "junk-model": (
+        lambda tmp, model, good: write_raw_bundle(tmp / "bundle.zip", bundle_info(), b"junk"),
+        "cannot load the bundle's model",
+    ),
+}
+
+
+@pytest.mark.parametrize(("build", "words"), list(BROKEN.values()), ids=list(BROKEN))
+def test_broken_or_unpromoted_bundle_is_a_clear_error(tmp_path, bundle, model_bytes, build, words):
+    path = build(tmp_path, model_bytes, bundle)
+    with pytest.raises(ModelLoadError, match=words) as caught:
+        Predictor.load(path)
+    # the message reaches /readyz and /version (last_reload_error): no server paths in it
+    message = str(caught.value)
+    assert message.startswith(("bundle.zip: ", "the bundle's model", "cannot load the")), message
+    assert str(tmp_path) not in message and "/tmp" not in message, message
+
+
+def test_missing_bundle_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"no model bundle at nowhere\.zip: run `dvc repro`"):
+        Predictor.load(tmp_path / "nowhere.zip")
+    (tmp_path / "empty-models").mkdir()
+    with pytest.raises(ModelLoadError, match=r"no model bundle at bundle\.zip"):
+        Predictor.load(tmp_path / "empty-models")
+
+
+def test_version_describes_the_bundle(predictor, bundle):
+    v = predictor.version
+    assert v["bundle_md5"] == md5(bundle)
+    assert v["source"] == "bundle.zip"  # outside the project and cwd: the name alone
+    assert v["dvc_lock"] is None and v["registry"] is None
+    assert v["class_names"] == ["safe", "sensitive"] and v["image_size"] == 32
+    assert v["operating_point"] == {"positive_class": "sensitive", "threshold": 0.4}
+    info = bundle_info()
+    for key in ("gate", "metrics", "data_hash", "git_commit", "mlflow_run_id", "run_name"):
+        assert v[key] == info[key], key
+    assert not [s for s in string_values(v) if s.startswith("/")]
+
+
+def test_version_hash_matches_dvc_and_dvc_lock(tmp_path, monkeypatch):
+    """The bundle md5 equals the one DVC records; dvc.lock's record is shown and compared."""
     project = tmp_path / "project"
-    shutil.copytree(model_dir, project / "models")
+    bundle = make_bundle(project / "models")
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=project, check=True)
-    subprocess.run([*dvc, "add", "-q", "models"], cwd=project, check=True)
-    recorded = yaml.safe_load((project / "models.dvc").read_text())["outs"][0]["md5"]
-    assert dir_md5(project / "models") == recorded
-    lock = {"schema": "2.0", "stages": {"train": {"outs": [{"path": "models", "md5": recorded}]}}}
+    subprocess.run([*dvc, "add", "-q", "models/bundle.zip"], cwd=project, check=True)
+    recorded = yaml.safe_load((project / "models" / "bundle.zip.dvc").read_text())["outs"][0]["md5"]
+    outs = [{"path": "models/bundle.zip", "hash": "md5", "md5": recorded, "size": 1}]
+    lock = {"schema": "2.0", "stages": {"promote": {"cmd": "x", "outs": outs}}}
     (project / "dvc.lock").write_text(yaml.safe_dump(lock))
-    info = model_version_info(project / "models" / "model.keras", None)
-    assert info["model_md5"] == file_md5(project / "models" / "model.keras")
-    rec = info["dvc_lock"]
-    assert rec["md5"] == recorded and rec["dir_matches"] is True
-    assert rec["model_md5"] == info["model_md5"] and rec["model_matches"] is True
-    (project / "models" / "metadata.json").write_text("{}")
-    changed = model_version_info(project / "models" / "model.keras", None)
-    assert changed["dvc_lock"]["dir_matches"] is False
+    monkeypatch.chdir(project)
+    v = Predictor.load(bundle).version
+    assert v["bundle_md5"] == recorded == md5(bundle)
+    assert v["source"] == "models/bundle.zip"
+    assert v["dvc_lock"] == {
+        "stage": "promote",
+        "path": "models/bundle.zip",
+        "md5": recorded,
+        "matches": True,
+    }
+    make_bundle(project / "models", seed=3)  # a new bundle that dvc.lock does not record
+    changed = Predictor.load(project / "models").version
+    assert changed["bundle_md5"] != recorded
+    assert changed["dvc_lock"]["matches"] is False and changed["dvc_lock"]["md5"] == recorded
 
 
-def test_version_reads_a_file_out_of_dvc_lock(tmp_path, model_dir):
-    """Our train stage declares ``models/model.keras`` as a file out."""
-    shutil.copytree(model_dir, tmp_path / "models")
-    model = tmp_path / "models" / "model.keras"
-    outs = [{"path": "models/model.keras", "md5": file_md5(model), "hash": "md5"}]
-    lock = {"schema": "2.0", "stages": {"train": {"outs": outs}}}
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    rec = model_version_info(model, None)["dvc_lock"]
-    assert rec["path"] == "models/model.keras" and rec["model_matches"] is True
-    assert "dir_matches" not in rec
-    outs[0]["md5"] = "0" * 32
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert model_version_info(model, None)["dvc_lock"]["model_matches"] is False
-
-
-def test_loads_registered_model_from_mlflow(tmp_path, monkeypatch):
-    """Log and register a tiny model in a local sqlite MLflow store, load models:/tiny/1."""
+def test_loads_registered_bundle_from_mlflow(tmp_path, monkeypatch):
+    """Log and register a bundle as the pipeline does, in a local sqlite MLflow store."""
     import mlflow
 
     monkeypatch.chdir(tmp_path)
@@ -184,34 +286,60 @@ def test_loads_registered_model_from_mlflow(tmp_path, monkeypatch):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        _log_load_and_compare(tmp_path)
+        _register_load_and_compare(tmp_path, uri)
     finally:
         mlflow.set_tracking_uri(previous)
 
 
-def _log_load_and_compare(tmp_path):
+def _register_load_and_compare(tmp_path, uri):
     import keras
-    import mlflow
+    from mlflow import MlflowClient
 
-    exp = mlflow.create_experiment("serve-test", artifact_location=str(tmp_path / "artifacts"))
-    src = make_model(tmp_path / "src", ("cat", "dog"), size=24, threshold=0.3)
-    model = keras.models.load_model(src / "model.keras")
-    meta = json.loads((src / "metadata.json").read_text())
-    # 1. metadata carried by the model itself (MLmodel ``metadata``)
-    with mlflow.start_run(experiment_id=exp) as run:
-        mlflow.keras.log_model(model, name="model", registered_model_name="tiny", metadata=meta)
-    p = Predictor.load("models:/tiny/1")
+    client = MlflowClient(uri)
+    exp = client.create_experiment("serve-test", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(exp).info.run_id
+    bundle = make_bundle(
+        tmp_path / "promoted",
+        ("cat", "dog"),
+        size=24,
+        threshold=0.3,
+        mlflow_run_id=run_id,
+        run_name="tiny-run",
+    )
+    # as stages.tracking.Run.register_bundle does
+    client.log_artifact(run_id, str(bundle), "bundle")
+    client.create_registered_model("tiny")
+    mv = client.create_model_version("tiny", source=f"runs:/{run_id}/bundle", run_id=run_id)
+    client.set_registered_model_alias("tiny", "champion", mv.version)
+    client.log_artifact(run_id, str(f.write(tmp_path / "notes.txt", b"x")), "other")
+    client.set_terminated(run_id)
+
+    p = Predictor.load("models:/tiny@champion")
     assert p.class_names == ("cat", "dog") and p.decode.size == 24
-    assert p.version["mlflow_run_id"] == run.info.run_id
-    assert p.operating_point is None  # not logged: decisions fall back to argmax
-    x = np.zeros((2, 24, 24, 3), np.uint8)
-    np.testing.assert_allclose(p.predict_arrays(x), model.predict(x, verbose=0), atol=1e-6)
-    # 2. as the pipeline logs it: bare model, metadata and threshold as run artifacts
-    with mlflow.start_run(experiment_id=exp) as run:
-        mlflow.log_artifact(str(src / "metadata.json"), "train")
-        mlflow.log_artifact(str(src / "operating_point.json"), "report")
-        info = mlflow.keras.log_model(model, name="model")
-    mlflow.register_model(info.model_uri, "tiny")
-    p = Predictor.load("models:/tiny/2")
-    assert p.class_names == ("cat", "dog") and p.version["mlflow_run_id"] == run.info.run_id
     assert p.operating_point.threshold == 0.3 and p.operating_point.positive_class == "dog"
+    v = p.version
+    assert v["bundle_md5"] == md5(bundle)
+    assert v["source"] == "models:/tiny@champion"
+    assert v["registry"] == {"name": "tiny", "version": "1", "alias": "champion"}
+    assert v["mlflow_run_id"] == run_id and v["run_name"] == "tiny-run"
+    assert v["dvc_lock"] is None
+    assert not [s for s in string_values(v) if s.startswith("/")]
+    with zipfile.ZipFile(bundle) as zf:
+        model_file = f.write(tmp_path / "check" / "model.keras", zf.read(MODEL_ENTRY))
+    model = keras.models.load_model(model_file, compile=False)
+    x = np.random.default_rng(0).integers(0, 256, (2, 24, 24, 3)).astype(np.uint8)
+    np.testing.assert_allclose(p.predict_arrays(x), model.predict(x, verbose=0), atol=1e-6)
+
+    for other in ("models:/tiny/1", f"runs:/{run_id}/bundle"):
+        assert Predictor.load(other).version["bundle_md5"] == md5(bundle), other
+    assert Predictor.load("models:/tiny/1").version["registry"]["alias"] is None
+    with pytest.raises(ModelLoadError, match=f"runs:/{run_id}/other holds no bundle.zip"):
+        Predictor.load(f"runs:/{run_id}/other")
+
+
+def test_source_with_copied_bundle_keeps_its_md5(tmp_path, bundle):
+    copy = tmp_path / "elsewhere" / "served.zip"
+    copy.parent.mkdir()
+    shutil.copy(bundle, copy)
+    v = Predictor.load(copy).version
+    assert v["bundle_md5"] == md5(bundle) and v["source"] == "served.zip"

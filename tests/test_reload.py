@@ -1,10 +1,12 @@
-"""Hot reload under load: new model files on disk and SIGHUP, zero failed requests."""
+"""Hot reload under load: a new bundle on disk and SIGHUP, zero failed requests; broken or
+unpromoted bundles are refused, the old one kept and the failure shown."""
 
 from __future__ import annotations
 
-import os
-import shutil
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +14,15 @@ import httpx
 import pytest
 
 import imagefactory as f
-from serve_fixtures import ServerProcess, make_model
+from serve_fixtures import (
+    ROOT,
+    ServerProcess,
+    make_bundle,
+    md5,
+    replace_atomically,
+    server_env,
+    string_values,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +33,10 @@ NEW = ("cat", "dog", "fox")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reload")
-    live = make_model(tmp / "models", OLD, size=32)
-    staged = make_model(tmp / "staged", NEW, size=24, seed=1, threshold=0.5, positive_class="dog")
+    live = make_bundle(tmp / "models", OLD, size=32)
+    staged = make_bundle(
+        tmp / "staged" / "bundle.zip", NEW, size=24, seed=1, threshold=0.5, positive_class="dog"
+    )
     srv = ServerProcess(tmp, live, "--reload-poll-seconds", "0.3", "--batch-wait-ms", "5")
     yield srv, live, staged
     srv.stop()
@@ -67,56 +79,153 @@ class Load:
             t.join()
 
 
-def _wait_version(url: str, changed_from: str, timeout: float = 30) -> dict:
+def _get(url: str, route: str) -> dict:
+    return httpx.get(f"{url}{route}", timeout=10).json()
+
+
+def _wait(url: str, route: str, done, what: str, timeout: float = 30) -> dict:
+    """Poll ``route`` until ``done(json)``; its last answer."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        v = httpx.get(f"{url}/version").json()
-        if v["model_md5"] != changed_from:
-            return v
+        answer = _get(url, route)
+        if done(answer):
+            return answer
         time.sleep(0.1)
-    raise TimeoutError("the server never swapped the model")
+    raise TimeoutError(f"{what}; last {route}: {answer}")
+
+
+def _predict_md5(url: str) -> str:
+    r = httpx.post(f"{url}/predict", content=f.png(1), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    return r.json()["model"]["bundle_md5"]
+
+
+def _no_absolute_paths(doc: dict) -> None:
+    absolute = [s for s in string_values(doc) if s.startswith("/")]
+    assert absolute == [], absolute
 
 
 def test_file_change_and_sighup_reload_without_failures(setup):
     srv, live, staged = setup
-    before = httpx.get(f"{srv.url}/version").json()
-    assert before["class_names"] == list(OLD)
+    before = _get(srv.url, "/version")
+    assert before["class_names"] == list(OLD) and before["bundle_md5"] == md5(live)
     with Load(srv.url) as load:
         time.sleep(1.0)
-        # as `dvc checkout` would: the files replaced on disk, while requests keep coming
-        for name in ("model.keras", "metadata.json", "operating_point.json"):
-            shutil.copy2(staged / name, live / f".{name}.tmp")
-            os.replace(live / f".{name}.tmp", live / name)
-        after = _wait_version(srv.url, before["model_md5"])
+        # as promote (or `dvc checkout`) does: a new bundle under a temporary name, renamed
+        # over models/bundle.zip while requests keep coming
+        replace_atomically(staged, live)
+        after = _wait(
+            srv.url,
+            "/version",
+            lambda v: v["bundle_md5"] != before["bundle_md5"],
+            "the server never swapped the bundle",
+        )
         time.sleep(1.0)
-        reloads = httpx.get(f"{srv.url}/readyz").json()["reloads"]
+        reloads = _get(srv.url, "/readyz")["reloads"]
         srv.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while httpx.get(f"{srv.url}/readyz").json()["reloads"] == reloads:
-            assert time.monotonic() < deadline, "SIGHUP did not reload"
-            time.sleep(0.1)
+        _wait(srv.url, "/readyz", lambda r: r["reloads"] == reloads + 1, "SIGHUP did not reload")
         time.sleep(1.0)
 
+    assert after["bundle_md5"] == md5(staged)
     assert after["class_names"] == list(NEW)
     assert after["image_size"] == 24
     assert after["operating_point"] == {"positive_class": "dog", "threshold": 0.5}
+    assert after["last_reload_error"] is None
+    ready = _get(srv.url, "/readyz")
+    assert ready["bundle_md5"] == md5(staged) and ready["last_reload_error"] is None
     failures = [o for o in load.outcomes if o[0] != 200]
     assert not failures, failures[:5]
     seen = [o[1] for o in load.outcomes]
     assert set(seen) == {OLD, NEW}
     first_new = seen.index(NEW)
-    assert NEW in seen[first_new:] and len(seen) > 50
+    assert OLD not in seen[first_new + 12 :]  # a handful in flight at the swap, then only NEW
+    assert len(seen) > 50
     assert "model swapped" in srv.log() and "SIGHUP" in srv.log()
 
 
-def test_broken_new_files_keep_the_old_model(setup):
+def test_broken_bundle_keeps_the_old_one_and_shows_the_error(setup, tmp_path):
     srv, live, _ = setup
-    before = httpx.get(f"{srv.url}/version").json()
-    (live / "model.keras").write_bytes(b"half-written junk")
-    time.sleep(2.0)
-    assert httpx.get(f"{srv.url}/readyz").status_code == 200
-    now = httpx.get(f"{srv.url}/version").json()
-    assert now["model_md5"] == before["model_md5"]
-    r = httpx.post(f"{srv.url}/predict", content=f.png(1), headers={"Content-Type": "image/png"})
-    assert r.status_code == 200
+    good = live.read_bytes()
+    old_md5 = md5(live)
+    assert _get(srv.url, "/readyz")["bundle_md5"] == old_md5
+    live.write_bytes(good[: len(good) // 2])  # a half-written bundle, in place
+    ready = _wait(
+        srv.url, "/readyz", lambda r: r["last_reload_error"] is not None, "no reload error shown"
+    )
+    error = ready["last_reload_error"]
+    assert set(error) == {"at", "reason", "error"}
+    assert error["reason"] == "model files changed on disk"
+    assert error["error"].startswith("bundle.zip: not a complete bundle (BadZipFile"), error
+    assert ready["status"] == "ready" and ready["bundle_md5"] == old_md5
+    version = _get(srv.url, "/version")
+    assert version["last_reload_error"] == error
+    assert version["bundle_md5"] == old_md5
+    _no_absolute_paths(version)
+    assert _predict_md5(srv.url) == old_md5
     assert "reload failed" in srv.log()
+
+    fresh = make_bundle(tmp_path / "fresh.zip", OLD, size=32, seed=5)
+    replace_atomically(fresh, live)
+    ready = _wait(
+        srv.url, "/readyz", lambda r: r["bundle_md5"] == md5(fresh), "good bundle not loaded"
+    )
+    assert ready["last_reload_error"] is None
+    assert _get(srv.url, "/version")["last_reload_error"] is None
+    assert _predict_md5(srv.url) == md5(fresh)
+
+
+def test_bundle_that_failed_its_gate_is_refused_on_reload(setup, tmp_path):
+    srv, live, _ = setup
+    old_md5 = md5(live)
+    reloads = _get(srv.url, "/readyz")["reloads"]
+    failed = make_bundle(tmp_path / "failed.zip", NEW, size=24, seed=2, gate_passed=False)
+    replace_atomically(failed, live)
+    ready = _wait(
+        srv.url, "/readyz", lambda r: r["last_reload_error"] is not None, "no reload error shown"
+    )
+    assert ready["last_reload_error"]["error"] == (
+        "bundle.zip: the bundle did not pass its quality gate"
+    )
+    assert ready["bundle_md5"] == old_md5 and ready["reloads"] == reloads
+    version = _get(srv.url, "/version")
+    assert version["class_names"] == list(OLD) and version["bundle_md5"] == old_md5
+    assert version["last_reload_error"] == ready["last_reload_error"]
+    assert _predict_md5(srv.url) == old_md5
+    # SIGHUP retries the same refused file: still refused, still the old bundle
+    srv.signal(signal.SIGHUP)
+    _wait(
+        srv.url,
+        "/readyz",
+        lambda r: (r["last_reload_error"] or {}).get("reason") == "SIGHUP",
+        "SIGHUP reload of the refused bundle not reported",
+    )
+    assert _predict_md5(srv.url) == old_md5
+
+
+def test_bundle_that_failed_its_gate_is_refused_at_start(tmp_path):
+    failed = make_bundle(tmp_path / "models", gate_passed=False)
+    proc = subprocess.run(
+        [
+            *(sys.executable, "serve/server.py", "--model", str(failed)),
+            *("--http-port", "0", "--tcp-port", "0", "--ports-file", str(tmp_path / "ports.json")),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=server_env(),
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    reason = "ERROR serve.server: bundle.zip: the bundle did not pass its quality gate"
+    assert lines[0].endswith(f" {reason}"), lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "ports.json").exists()  # it never listened
+
+
+def test_version_after_reloads_is_still_path_free(setup):
+    srv, _, _ = setup
+    version = _get(srv.url, "/version")
+    _no_absolute_paths(version)
+    assert json.dumps(version).count(str(srv.tmp)) == 0

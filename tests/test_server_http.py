@@ -11,22 +11,27 @@ import httpx
 import pytest
 
 import imagefactory as f
-from serve_fixtures import ServerProcess, make_model
+from serve_fixtures import ServerProcess, bundle_info, make_bundle, md5, string_values
 
 pytestmark = pytest.mark.integration
 
 MAX_BODY = 200_000
 # A fuzzed 83-byte GIF on which Pillow's decoder raises IndexError (not a clean error).
 QUEUE = 8
+RUN_ID = "5f" * 16  # the MLflow run the bundle says it came from
+VERSION_KEYS = {
+    "source", "dvc_lock", "registry", "bundle_md5", "class_names", "image_size",
+    "operating_point", "gate", "metrics", "data_hash", "git_commit", "mlflow_run_id",
+    "run_name", "loaded_at", "last_reload_error",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("http")
-    model_dir = make_model(tmp / "models")
     srv = ServerProcess(
         tmp,
-        model_dir,
+        make_bundle(tmp / "models", mlflow_run_id=RUN_ID),
         "--max-body-bytes",
         str(MAX_BODY),
         "--queue-size",
@@ -59,12 +64,12 @@ def _check_answer(answer: dict) -> None:
     assert decision["label"] == expected
 
 
-def test_raw_body_image(client):
+def test_raw_body_image(client, server):
     r = client.post("/predict", content=f.jpeg(1), headers={"Content-Type": "image/jpeg"})
     assert r.status_code == 200, r.text
     (answer,) = r.json()["results"]
     _check_answer(answer)
-    assert len(r.json()["model"]["md5"]) == 32
+    assert r.json()["model"] == {"bundle_md5": md5(server.bundle), "mlflow_run_id": RUN_ID}
 
 
 def test_multipart_several_images_one_bad(client):
@@ -169,12 +174,25 @@ def test_concurrent_requests_are_micro_batched(server, client):
 
 def test_health_version_and_docs(client, server):
     assert client.get("/healthz").json() == {"status": "alive"}
-    assert client.get("/readyz").json()["status"] == "ready"
+    ready = client.get("/readyz").json()
+    assert set(ready) == {
+        "status", "bundle_md5", "reloads", "last_reload_error", "batches", "images",
+    }  # fmt: skip
+    assert ready["status"] == "ready" and ready["bundle_md5"] == md5(server.bundle)
+    assert ready["reloads"] == 0 and ready["last_reload_error"] is None
     v = client.get("/version").json()
-    assert v["class_names"] == ["safe", "sensitive"]
-    assert len(v["model_md5"]) == 32 and v["model_dir_md5"].endswith(".dir")
-    assert v["mlflow_run_id"] is None
+    assert set(v) == VERSION_KEYS
+    info = bundle_info(mlflow_run_id=RUN_ID)
+    assert v["source"] == "bundle.zip"  # outside the project: the name, never the full path
+    assert v["dvc_lock"] is None
+    assert v["bundle_md5"] == md5(server.bundle)
+    assert v["class_names"] == ["safe", "sensitive"] and v["image_size"] == 32
     assert v["operating_point"] == {"positive_class": "sensitive", "threshold": 0.4}
+    for key in ("gate", "metrics", "data_hash", "git_commit", "mlflow_run_id", "run_name"):
+        assert v[key] == info[key], key
+    assert v["gate"]["passed"] is True
+    assert v["last_reload_error"] is None
+    assert 0 < time.time() - v["loaded_at"] < 3600
     spec = client.get("/openapi.json").json()
     assert "/predict" in spec["paths"]
     assert "multipart/form-data" in json.dumps(spec["paths"]["/predict"])
@@ -182,6 +200,13 @@ def test_health_version_and_docs(client, server):
     page = client.get("/")
     assert page.status_code == 200 and "<input" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN
+
+
+def test_version_shows_no_absolute_path(client, server):
+    v = client.get("/version").json()
+    assert str(server.tmp) not in json.dumps(v)
+    absolute = [s for s in string_values(v) if s.startswith("/")]
+    assert absolute == [], absolute
 
 
 def test_binds_loopback_by_default(server):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 import imagefactory as f
-from serve_fixtures import ServerProcess, make_model
+from serve_fixtures import ROOT, ServerProcess, make_bundle, server_env
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +40,7 @@ def tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tree):
-    srv = ServerProcess(tree, make_model(tree / "models"), "--scan-root", str(tree / "root"))
+    srv = ServerProcess(tree, make_bundle(tree / "models"), "--scan-root", str(tree / "root"))
     yield srv
     srv.stop()
 
@@ -174,11 +177,64 @@ def test_safe_defaults_and_flag_overrides(tmp_path):
     from stages.config import PATHS
 
     args = parse_args([])
-    assert args.host == "127.0.0.1" and args.tcp_port == 1235
+    assert args.settings.host == "127.0.0.1" and args.settings.tcp_port == 1235
     assert args.scan_roots == [PATHS.root / "data"]
-    params = tmp_path / "params.yaml"
-    params.write_text("serve:\n  tcp_port: 4321\n  scan_roots: [/srv/images]\n")
-    args = parse_args(["--params", str(params), "--scan-root", "/a", "--scan-root", "rel"])
-    assert args.tcp_port == 4321
+    assert args.model == "models/bundle.zip"
+    custom = yaml.safe_load(PATHS.serve_settings.read_text(encoding="utf-8"))
+    custom.update(tcp_port=4321, scan_roots=["/srv/images"], reload_poll_seconds=0.5)
+    settings = tmp_path / "custom.yaml"
+    settings.write_text(yaml.safe_dump(custom))
+    args = parse_args(
+        [
+            *("--settings", str(settings), "--scan-root", "/a", "--scan-root", "rel"),
+            *("--http-port", "0", "--batch-wait-ms", "2.5", "--model", "models:/imgclf@champion"),
+        ]
+    )
+    assert args.settings.tcp_port == 4321 and args.settings.reload_poll_seconds == 0.5
+    assert args.settings.http_port == 0 and args.settings.batch_wait_ms == 2.5
     assert args.scan_roots == [Path("/a"), PATHS.root / "rel"]
-    assert parse_args(["--params", str(params)]).scan_roots == [Path("/srv/images")]
+    assert args.model == "models:/imgclf@champion"
+    assert parse_args(["--settings", str(settings)]).scan_roots == [Path("/srv/images")]
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (
+            ["--http-port", "70000"],
+            "error: serve.yaml with flags: http_port: input should be less than or equal to "
+            "65535 (got 70000)",
+        ),
+        (
+            ["--batch-wait-ms", "-1", "--max-batch", "0"],
+            "error: serve.yaml with flags: max_batch: input should be greater than 0 (got 0); "
+            "batch_wait_ms: input should be greater than or equal to 0 (got -1.0)",
+        ),
+    ],
+    ids=["port", "two-values"],
+)
+def test_bad_flag_value_is_one_line_and_exit_2(flags, line):
+    proc = subprocess.run(
+        [sys.executable, "serve/server.py", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=server_env(),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [line]
+    assert proc.stdout == ""
+
+
+def test_bad_settings_file_is_one_line_and_exit_2(tmp_path, capsys):
+    from serve.server import main
+    from stages.config import PATHS
+
+    custom = yaml.safe_load(PATHS.serve_settings.read_text(encoding="utf-8"))
+    custom["tcp_prot"] = custom.pop("tcp_port")
+    settings = tmp_path / "custom.yaml"
+    settings.write_text(yaml.safe_dump(custom))
+    assert main(["--settings", str(settings)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: custom.yaml: tcp_prot: unknown key (did you mean 'tcp_port'?)\n"

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
+import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
+from benchmarks.common import env
 from dvcrepo import commit, dvc, make_repo, ran, run
 from stages import tracking
 from stages.config import Paths
@@ -98,8 +105,10 @@ def test_unreachable_store_records_pending_and_replays(tmp_path, monkeypatch, ca
 
 
 # -- integration: the whole pipeline in a temporary git + DVC repo ---------------------------
+# The classes are renamed (no `sensitive`): the operating point must find its class itself.
 
 FAST = {"epochs": 3, "patience": 2, "cnn_filters": [8, 16], "cnn_dense": 16, "batch_size": 16}
+STAGES = {"preprocess", "split", "train", "report", "promote"}
 
 
 def set_params(repo: Path, section: str, values: dict) -> None:
@@ -116,63 +125,244 @@ def mlflow_runs(repo: Path):
     return client, client.search_runs([exp.experiment_id]) if exp else []
 
 
+def bundle_md5(repo: Path) -> str:
+    return hashlib.md5((repo / "models" / "bundle.zip").read_bytes()).hexdigest()
+
+
+def bundle_info(repo: Path) -> dict:
+    with zipfile.ZipFile(repo / "models" / "bundle.zip") as zf:
+        return json.loads(zf.read("bundle.json"))
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the default store: <workspace>/mlflow.db
     repo = make_repo(tmp_path_factory.mktemp("pipe") / "repo", per_digit=8)
+    raw = repo / "data" / "raw"
+    (raw / "safe").rename(raw / "dogs")  # digits 0-6: the common class
+    (raw / "sensitive").rename(raw / "cats")  # digits 7-9: the rarer one
+    dvc(repo, "add", "-q", "data/raw")
     set_params(repo, "train", FAST)
-    commit(repo, "fast params")
+    set_params(repo, "promote", {"min_value": 0.0})
+    commit(repo, "fast params, own class names")
     proc = dvc(repo, "repro")
-    assert ran(proc.stdout) == {"preprocess", "split", "train", "report"}, proc.stdout
+    assert ran(proc.stdout) == STAGES, proc.stdout
     commit(repo, "first run")
     return repo
 
 
 @pytest.mark.integration
-def test_repro_outputs_and_one_mlflow_run(repo: Path):
-    meta = json.loads((repo / "models" / "metadata.json").read_text())
-    assert meta["class_names"] == ["safe", "sensitive"] and meta["image_size"] == 32
-    assert meta["decode"]["size"] == 32 and meta["backbone"] == "small_cnn"
+def test_repro_promotes_a_bundle_for_any_class_names(repo: Path):
+    info = bundle_info(repo)
+    assert info["class_names"] == ["cats", "dogs"] and info["image_size"] == 32
     op = json.loads((repo / "metrics" / "operating_point.json").read_text())
-    assert op["positive_class"] == "sensitive" and 0.0 <= op["threshold"] <= 1.0
+    assert op["positive_class"] == "cats"  # the rarer class, chosen without configuration
+    assert info["operating_point"] == {
+        k: op[k] for k in ("positive_class", "threshold", "target_recall")
+    }
     test = json.loads((repo / "metrics" / "test.json").read_text())
-    assert {"accuracy", "macro_f1", "roc_auc", "pr_auc", "per_class"} <= set(test)
-    for name in ("confusion_matrix.png", "classification_report.txt"):
-        assert (repo / "metrics" / "report" / name).is_file()
+    assert info["gate"] == {
+        "metric": "accuracy",
+        "min_value": 0.0,
+        "value": test["accuracy"],
+        "passed": True,
+    }
+    assert {"accuracy", "macro_f1", "roc_auc", "pr_auc", "per_class", "argmax"} <= set(test)
+    train = json.loads((repo / "metrics" / "train.json").read_text())
+    assert set(train) == {"epochs_run", "best_epoch", "best_val_loss", "best_val_accuracy"}
+    text = (repo / "metrics" / "report" / "classification_report.txt").read_text()
+    assert text.startswith(f"== at the operating threshold (cats >= {op['threshold']:.4f}) ==")
+    assert "== argmax (top class) ==" in text
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["promote"]["outs"][0]["md5"] == bundle_md5(repo)
     assert "up to date" in dvc(repo, "status").stdout.lower()
 
     client, runs = mlflow_runs(repo)
-    assert [r.info.run_id for r in runs] == [meta["mlflow_run_id"]]
+    assert [r.info.run_id for r in runs] == [info["mlflow_run_id"]]
     run_ = runs[0]
     assert run_.info.status == "FINISHED"
+    assert run_.info.run_name == info["run_name"] and run_.info.run_name.startswith("repro-")
     assert run_.data.params["train.epochs"] == "3" and "report.target_recall" in run_.data.params
-    assert run_.data.tags["data_hash"] == meta["data_hash"] and "git_commit" in run_.data.tags
-    assert run_.data.tags["quality_gate"] == "passed"
-    assert "test_accuracy" in run_.data.metrics and "val_loss" in run_.data.metrics
-    assert len(client.get_metric_history(run_.info.run_id, "loss")) >= 1
+    assert run_.data.tags["quality_gate"] == "passed" and run_.data.tags["positive_class"] == "cats"
+    assert {"test_accuracy", "test_argmax_accuracy", "epochs_run", "best_val_loss"} <= set(
+        run_.data.metrics
+    )
+    assert len(client.get_metric_history(run_.info.run_id, "loss")) == train["epochs_run"]
     versions = client.search_model_versions("name='imgclf'")
-    assert [v.run_id for v in versions] == [run_.info.run_id]
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", run_.info.run_id)]
+    assert str(client.get_model_version_by_alias("imgclf", "champion").version) == "1"
     plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)
     assert not plots.get("errors"), plots.get("errors")
-    assert {"Confusion matrix (test)", "Training curves (loss)", "ROC (test)"} <= set(plots["data"])
 
 
 @pytest.mark.integration
-def test_exp_run_changes_metrics_and_logs_a_second_run(repo: Path):
-    proc = dvc(repo, "exp", "run", "-S", "train.epochs=1")
-    assert ran(proc.stdout) == {"train", "report"}, proc.stdout
-    diff = dvc(repo, "metrics", "diff", "--json").stdout
-    changed = json.loads(diff)
-    assert changed["metrics/train.json"]["epochs"] == {"old": 3, "new": 1, "diff": -2}
-    pdiff = dvc(repo, "params", "diff").stdout
-    assert "train.epochs" in pdiff
-    _, runs = mlflow_runs(repo)
-    assert len(runs) == 2
+def test_a_typo_or_bad_value_fails_fast_naming_the_key_and_creates_no_run(repo: Path):
+    _, before = mlflow_runs(repo)
+    start = time.monotonic()
+    proc = dvc(repo, "exp", "run", "-S", "train.epochs=abc", check=False)
+    seconds = time.monotonic() - start
+    assert proc.returncode != 0
+    line = "error: params.yaml: train.epochs: input should be a valid integer, got 'abc'"
+    assert line in proc.stderr.splitlines(), proc.stderr
+    assert "Traceback" not in proc.stderr
+    set_params(repo, "train", {"epochs": 3})
+    (repo / "params.yaml").write_text(
+        (repo / "params.yaml").read_text().replace("  epochs: 3\n", "  epocs: 3\n")
+    )
+    proc = dvc(repo, "repro", check=False)
+    assert "error: params.yaml: train.epocs: unknown key (did you mean 'epochs'?)" in proc.stderr
+    _, after = mlflow_runs(repo)
+    assert len(after) == len(before)
+    run(repo, "git", "checkout", "--", "params.yaml")
+    print(f"dvc exp run -S train.epochs=abc failed after {seconds:.1f} s")
+
+
+def watch_server(srv, stop: threading.Event, seen: list) -> None:
+    """Record (bundle md5, threshold) of every /predict answer until ``stop``."""
+    import imagefactory as f
+
+    with httpx.Client(timeout=10) as client:
+        while not stop.is_set():
+            r = client.post(
+                f"{srv.url}/predict", content=f.png(1), headers={"Content-Type": "image/png"}
+            )
+            body = r.json()
+            if r.status_code == 200:
+                seen.append(
+                    (body["model"]["bundle_md5"], body["results"][0]["decision"]["threshold"])
+                )
+            else:
+                seen.append(("error", r.status_code))
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def server(repo: Path, tmp_path):
+    from serve_fixtures import ServerProcess
+
+    srv = ServerProcess(tmp_path, repo / "models" / "bundle.zip", "--reload-poll-seconds", "0.3")
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.integration
+def test_a_gated_out_model_is_never_served_nor_registered(repo: Path, server):
+    old_md5 = bundle_md5(repo)
+    set_params(repo, "train", {"epochs": 1})
+    set_params(repo, "promote", {"min_value": 1.0})
+    stop, seen = threading.Event(), []
+    watcher = threading.Thread(target=watch_server, args=(server, stop, seen))
+    watcher.start()
+    try:
+        proc = dvc(repo, "repro", check=False)
+    finally:
+        stop.set()
+        watcher.join()
+    test = json.loads((repo / "metrics" / "test.json").read_text())
+    assert test["accuracy"] < 1.0  # the precondition of a failing gate
+    assert proc.returncode != 0
+    assert ran(proc.stdout) == {"train", "report", "promote"}
+    gate_line = [x for x in proc.stderr.splitlines() if x.startswith("error: QUALITY GATE FAILED")]
+    assert gate_line == [
+        f"error: QUALITY GATE FAILED: test accuracy {test['accuracy']} < promote.min_value 1.0; "
+        "the candidate is neither promoted nor registered, and models/bundle.zip keeps the "
+        f"bundle promoted by run {bundle_info(repo)['run_name']} (accuracy "
+        f"{bundle_info(repo)['gate']['value']})"
+    ]
+    assert bundle_md5(repo) == old_md5
+    old_threshold = bundle_info(repo)["operating_point"]["threshold"]
+    assert len(seen) > 20 and set(seen) == {(old_md5, old_threshold)}
+    version = httpx.get(f"{server.url}/version").json()
+    assert version["bundle_md5"] == old_md5 and version["dvc_lock"]["matches"] is True
+
+    client, runs = mlflow_runs(repo)
     newest = max(runs, key=lambda r: r.info.start_time)
-    assert newest.data.params["train.epochs"] == "1"
-    assert newest.data.tags.get("dvc_exp_name")
-    assert "test_accuracy" in newest.data.metrics
+    assert newest.info.status == "FAILED" and newest.data.tags["quality_gate"] == "failed"
+    assert len(client.search_model_versions("name='imgclf'")) == 1
+    run(repo, "git", "checkout", "--", "params.yaml")
+
+
+@pytest.mark.integration
+def test_an_exp_run_is_served_only_once_promoted_with_its_own_threshold(repo: Path, server):
+    old_md5 = bundle_md5(repo)
+    stop, seen = threading.Event(), []
+    watcher = threading.Thread(target=watch_server, args=(server, stop, seen))
+    watcher.start()
+    try:
+        proc = dvc(repo, "exp", "run", "-S", "train.epochs=2", "-S", "train.cnn_dense=24")
+        deadline = time.monotonic() + 15
+        while bundle_md5(repo) not in {md5 for md5, _ in seen[-3:]}:
+            assert time.monotonic() < deadline, "the server never loaded the promoted bundle"
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        watcher.join()
+    assert ran(proc.stdout) == {"train", "report", "promote"}, proc.stdout
+    new_md5, new_info = bundle_md5(repo), bundle_info(repo)
+    assert new_md5 != old_md5
+    answers = dict.fromkeys(seen)  # in order of first appearance
+    old_threshold = None
+    assert [md5 for md5, _ in answers] == [old_md5, new_md5]
+    for md5, threshold in answers:
+        if md5 == new_md5:
+            assert threshold == new_info["operating_point"]["threshold"]
+        else:
+            old_threshold = threshold
+    assert old_threshold is not None and len(answers) == 2  # one threshold per bundle
+
+    client, runs = mlflow_runs(repo)
+    newest = max(runs, key=lambda r: r.info.start_time)
+    assert newest.info.run_name == newest.data.tags["dvc_exp_name"] == new_info["run_name"]
+    assert newest.info.status == "FINISHED"
+    versions = {str(v.version): v for v in client.search_model_versions("name='imgclf'")}
+    assert sorted(versions) == ["1", "2"] and versions["2"].run_id == newest.info.run_id
+    scores = {
+        v: client.get_run(mv.run_id).data.metrics["test_accuracy"] for v, mv in versions.items()
+    }
+    champion = str(client.get_model_version_by_alias("imgclf", "champion").version)
+    assert champion == ("2" if scores["2"] > scores["1"] else "1"), scores
     run(repo, "git", "checkout", "--", "params.yaml", "dvc.lock")
+    dvc(repo, "checkout", "-f")
+
+
+def start_train(repo: Path) -> tuple[subprocess.Popen, str]:
+    """``python -m stages.train`` with many epochs; returns it once its run is RUNNING."""
+    set_params(repo, "train", {"epochs": 200, "patience": 200})
+    _, before = mlflow_runs(repo)
+    known = {r.info.run_id for r in before}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train"], cwd=repo, env=env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        _, runs = mlflow_runs(repo)
+        new = [r for r in runs if r.info.run_id not in known and r.info.status == "RUNNING"]
+        if new and len(mlflow_runs(repo)[0].get_metric_history(new[0].info.run_id, "loss")):
+            return proc, new[0].info.run_id
+        assert proc.poll() is None, "train exited before its run started"
+        time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError("train never started its run")
+
+
+@pytest.mark.integration
+def test_stopped_and_killed_stages_end_their_runs_killed(repo: Path):
+    client, _ = mlflow_runs(repo)
+    proc, stopped = start_train(repo)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert client.get_run(stopped).info.status == "KILLED"
+
+    proc, killed = start_train(repo)
+    proc.kill()  # SIGKILL: no chance to close the run
+    proc.wait(timeout=30)
+    assert client.get_run(killed).info.status == "RUNNING"
+    closed = tracking.close_abandoned(f"sqlite:///{repo / 'mlflow.db'}", "imgclf")
+    assert closed == [killed]
+    assert client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(killed).data.tags["imgclf.closed"] == "owner process gone"
+    run(repo, "git", "checkout", "--", "params.yaml")
     dvc(repo, "checkout", "-f")
 
 
@@ -198,6 +388,7 @@ def test_queued_experiments_log_into_the_workspace_store(repo: Path):
     assert len(new) == 2, [r.data.params.get("train.epochs") for r in after]
     assert {r.data.params["train.epochs"] for r in new} == {"1", "2"}
     assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in new)
+    assert all(r.info.run_name == r.data.tags["dvc_exp_name"] for r in new)
+    assert len({r.info.run_name for r in after}) == len(after)  # every run name is unique
     assert all(r.info.artifact_uri.startswith((repo / "mlartifacts").as_uri()) for r in new)
     assert not (repo / ".dvc" / "tmp" / "exps" / "mlflow.db").exists()
-    assert sys.executable  # the queue ran with the test's interpreter (dvcrepo.env)

@@ -21,7 +21,7 @@ import pytest
 
 import imagefactory as f
 from benchmarks.common import stop_process
-from serve_fixtures import ServerProcess, make_model
+from serve_fixtures import ServerProcess, make_bundle, md5
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ FLAGS = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web")
-    srv = ServerProcess(tmp, make_model(tmp / "models"), "--reload-poll-seconds", "0")
+    srv = ServerProcess(tmp, make_bundle(tmp / "models"), "--reload-poll-seconds", "0")
     yield srv
     srv.stop()
 
@@ -124,7 +124,10 @@ async def _drive(devtools: str, url: str, image: Path, bad: Path) -> dict:
         await page.wait_for(
             "document.readyState === 'complete' && !!document.getElementById('file')"
         )
-        await page.wait_for("document.getElementById('model').textContent.includes('safe')")
+        model_line = await page.wait_for(
+            "document.getElementById('model').textContent.includes('safe') && "
+            "document.getElementById('model').textContent"
+        )
         await page.upload("#file", image)
         label = await page.wait_for("document.getElementById('decision').dataset.label")
         rows = await page.js(
@@ -132,6 +135,7 @@ async def _drive(devtools: str, url: str, image: Path, bad: Path) -> dict:
             ".map(r => [r.dataset.cls, parseFloat(r.cells[1].textContent)])"
         )
         shown = {
+            "model": model_line,
             "label": label,
             "text": await page.js("document.getElementById('decision').textContent"),
             "rows": rows,
@@ -153,6 +157,7 @@ def test_upload_through_the_page_shows_probabilities_and_decision(server, browse
     api = httpx.post(
         f"{server.url}/predict", content=image.read_bytes(), headers={"Content-Type": "image/jpeg"}
     ).json()["results"][0]
+    assert shown["model"] == f"bundle {md5(server.bundle)} · classes safe, sensitive"
     assert shown["label"] == api["decision"]["label"]
     assert "Decision:" in shown["text"] and "0.4" in shown["text"]
     assert {cls for cls, _ in shown["rows"]} == {"safe", "sensitive"}
