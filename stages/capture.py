@@ -89,5 +89,3 @@ def _flush_stderr() -> None:
     if sys.stderr is not None:
         with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing to keep
             sys.stderr.flush()
-
-
