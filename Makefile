@@ -21,8 +21,11 @@ run: ## the whole pipeline: your data/raw, or the bundled sample when you have n
 repro: ## run the DVC pipeline (only what changed)
 	.venv/bin/dvc repro
 
-test: ## lint + the whole test suite
+test: ## lint + the whole test suite (about 7 min on 2 cores)
 	$(PY) -m pytest
+
+test-fast: ## lint + unit tests only, no real pipeline or server (under a minute)
+	$(PY) -m pytest -m "not integration"
 
 lint: ## fix lint and format
 	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
@@ -34,4 +37,4 @@ bench: ## run the benchmarks (about 8 min), write benchmarks/RESULTS.md
 	$(PY) -m pip install -q --no-deps -r requirements-bench.lock
 	$(PY) -m benchmarks
 
-.PHONY: help install sample run repro test lint serve bench
+.PHONY: help install sample run repro test test-fast lint serve bench

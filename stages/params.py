@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -216,6 +217,23 @@ def validate(data: Any, model: type[Section], source: str) -> Any:
         raise ParamsError(f"{source}: " + "; ".join(x for x in lines if x)) from None
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-4`` is a float as in YAML 1.2 (and as DVC, which
+    writes ``-S`` values with ruamel, reads it), not the string YAML 1.1 makes of it."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?$"
+        r"|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"
+        r"|^[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$"
+        r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
 def read_yaml(path: Path) -> Any:
     """A YAML file's content; a missing or unparsable file is a :class:`ParamsError`."""
     try:
@@ -223,7 +241,7 @@ def read_yaml(path: Path) -> Any:
     except FileNotFoundError:
         raise ParamsError(f"{path.name}: not found at {path}") from None
     try:
-        return yaml.safe_load(text) or {}
+        return yaml.load(text, Loader=_Yaml12Loader) or {}  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

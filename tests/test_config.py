@@ -140,6 +140,13 @@ def test_missing_and_unparsable_files(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
+def test_exponent_floats_are_floats_as_in_yaml_1_2(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("learning_rate: 0.001", "learning_rate: 1e-3")
+    assert "learning_rate: 1e-3" in text
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml").train.learning_rate == 0.001
+
+
 @pytest.mark.parametrize(("test_size", "val_size", "need"), [(0.3, 0.15, 10), (0.5, 0.5, 4)])
 def test_min_images_per_class(test_size, val_size, need):
     assert min_images_per_class(test_size, val_size) == need
