@@ -148,6 +148,18 @@ def server_env() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 
 
+def run_server_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python serve/server.py ARGS`` to completion (for start-up failures)."""
+    return subprocess.run(
+        [sys.executable, "serve/server.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=server_env(),
+    )
+
+
 class ServerProcess:
     """``python serve/server.py --model <bundle> ...`` on free loopback ports, stopped with
     SIGTERM."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,12 +13,11 @@ import pytest
 
 import imagefactory as f
 from serve_fixtures import (
-    ROOT,
     ServerProcess,
     make_bundle,
     md5,
     replace_atomically,
-    server_env,
+    run_server_cli,
     string_values,
 )
 
@@ -204,16 +201,9 @@ def test_bundle_that_failed_its_gate_is_refused_on_reload(setup, tmp_path):
 
 def test_bundle_that_failed_its_gate_is_refused_at_start(tmp_path):
     failed = make_bundle(tmp_path / "models", gate_passed=False)
-    proc = subprocess.run(
-        [
-            *(sys.executable, "serve/server.py", "--model", str(failed)),
-            *("--http-port", "0", "--tcp-port", "0", "--ports-file", str(tmp_path / "ports.json")),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=server_env(),
+    proc = run_server_cli(
+        *("--model", str(failed), "--http-port", "0", "--tcp-port", "0"),
+        *("--ports-file", str(tmp_path / "ports.json")),
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 import yaml
 
 import imagefactory as f
-from serve_fixtures import ROOT, ServerProcess, make_bundle, server_env
+from serve_fixtures import ServerProcess, make_bundle, run_server_cli
 
 pytestmark = pytest.mark.integration
 
@@ -214,14 +212,7 @@ def test_safe_defaults_and_flag_overrides(tmp_path):
     ids=["port", "two-values"],
 )
 def test_bad_flag_value_is_one_line_and_exit_2(flags, line):
-    proc = subprocess.run(
-        [sys.executable, "serve/server.py", *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=server_env(),
-    )
+    proc = run_server_cli(*flags)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [line]
     assert proc.stdout == ""
