@@ -211,7 +211,7 @@ def plot_confusion(matrices: dict[str, np.ndarray], class_names: Sequence[str], 
             ConfusionMatrixDisplay(data, display_labels=list(class_names)).plot(
                 ax=ax, cmap="Blues", colorbar=False, values_format=fmt, xticks_rotation=45
             )
-            ax.set_title(f"{rule}: {what}")
+            ax.set_title(f"{rule}\n{what}", fontsize=10)
             ax.set_xlabel("predicted")
             ax.set_ylabel("actual")
     fig.tight_layout()
