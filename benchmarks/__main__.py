@@ -5,6 +5,7 @@ Usage::
     python -m benchmarks                      # everything, ~8 min on 2 cores (fresh corpus)
     python -m benchmarks --quick --out /tmp/R.md --corpus /tmp/corpus   # smoke run
     python -m benchmarks --only preprocess,dvc
+    python -m benchmarks --only threshold --out /tmp/R.md   # ~1 min, builds no corpus
 
 Progress goes to stderr; each benchmark that fails is recorded as "not run: <reason>".
 """
@@ -35,10 +36,13 @@ BENCHMARKS = (
     ("input", "Input pipeline", "benchmarks.bench_input:bench"),
     ("serving", "Serving", "benchmarks.bench_serving:bench"),
     ("memory", "Memory", "benchmarks.bench_memory:bench"),
+    ("threshold", "Operating threshold", "benchmarks.bench_threshold:bench"),
 )
+# Benchmarks that do not read the photo corpus: run alone, they do not build it.
+NO_CORPUS = frozenset({"threshold"})
 # Run order: everything that forks worker processes before anything loads TensorFlow
 # into this process.
-RUN_ORDER = ("preprocess", "incremental", "dvc", "memory", "serving", "input")
+RUN_ORDER = ("preprocess", "incremental", "dvc", "memory", "serving", "threshold", "input")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,12 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def load(target: str) -> Callable[[Settings, Corpus], Result]:
+def load(target: str) -> Callable[[Settings, Corpus | None], Result]:
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
 
 
-def run_one(key: str, title: str, target: str, settings: Settings, corpus: Corpus) -> Result:
+def run_one(key: str, title: str, target: str, settings: Settings, corpus: Corpus | None) -> Result:
     """Run one benchmark; any failure becomes a "not run" result, never an exception."""
     log.info("=== %s ===", title)
     start = time.perf_counter()
@@ -97,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         work_dir=work,
     )
     try:
-        corpus = ensure_corpus(args.corpus, QUICK if args.quick else FULL, settings.workers)
+        corpus = (
+            None
+            if set(only) <= NO_CORPUS
+            else ensure_corpus(args.corpus, QUICK if args.quick else FULL, settings.workers)
+        )
         by_key = {k: (k, t, target) for k, t, target in BENCHMARKS}
         done: dict[str, Result] = {}
         for key in RUN_ORDER:
@@ -106,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [
             done.get(k) or Result(k, t, error="not selected (--only)") for k, t, _ in BENCHMARKS
         ]
-        text = render(results, facts, corpus_facts(corpus), time.perf_counter() - start, args.quick)
+        line = corpus_facts(corpus) if corpus else "not built (no selected benchmark reads it)"
+        text = render(results, facts, line, time.perf_counter() - start, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from serve.version import dvc_lock_record, shown_path
-from stages.bundle import MODEL_ENTRY, Bundle, BundleError
+from stages.bundle import MODEL_ENTRY, Bundle, BundleError, read_run_facts
 from stages.config import PATHS, import_tensorflow
 from stages.imaging import DecodeOptions, InvalidImage, serving_input
 
@@ -75,10 +75,21 @@ def _registry_version(uri: str) -> dict[str, Any] | None:
             if alias
             else client.get_model_version(name, ref)
         )
-        return {"name": name, "version": str(mv.version), "alias": alias or None}
+        run = client.get_run(mv.run_id)
+        return {
+            "name": name, "version": str(mv.version), "alias": alias or None,
+            "run_id": mv.run_id, "run_name": run.info.run_name,
+            "git_commit": run.data.tags.get("git_commit"),
+        }  # fmt: skip
     except Exception as exc:
         log.warning("cannot look up %s in the registry: %s", uri, exc)
         return None
+
+
+def run_fields(path: Path, md5: str) -> dict[str, Any]:
+    """``/version``'s run fields from the facts ``promote`` wrote beside the bundle."""
+    facts = read_run_facts(path, md5)
+    return {k: facts.get(k) for k in ("mlflow_run_id", "run_name", "git_commit")}
 
 
 def read_source(source: str | Path) -> tuple[Bundle, dict[str, Any]]:
@@ -96,7 +107,7 @@ def read_source(source: str | Path) -> tuple[Bundle, dict[str, Any]]:
                 )
             bundle = Bundle.read(path)
             origin = {"source": shown_path(path), "dvc_lock": dvc_lock_record(path)}
-            return bundle, {**origin, "registry": None}
+            return bundle, {**origin, "registry": None, **run_fields(path, bundle.md5)}
         import mlflow  # slow import: only when a URI is used
 
         tmp = Path(tempfile.mkdtemp(prefix="imgclf-bundle-"))
@@ -112,7 +123,13 @@ def read_source(source: str | Path) -> tuple[Bundle, dict[str, Any]]:
             shutil.rmtree(tmp, ignore_errors=True)
         # the same keys for every source: /version's shape does not depend on where from
         origin = {"source": str(source), "dvc_lock": None}
-        return bundle, {**origin, "registry": _registry_version(str(source))}
+        registry = _registry_version(str(source)) or {}
+        run = {
+            "mlflow_run_id": registry.pop("run_id", None),
+            "run_name": registry.pop("run_name", None),
+            "git_commit": registry.pop("git_commit", None),
+        }
+        return bundle, {**origin, "registry": registry or None, **run}
     except BundleError as exc:
         raise ModelLoadError(f"{label}: {exc}") from None
     except ModelLoadError:
@@ -157,9 +174,6 @@ class Predictor:
             "gate": info["gate"],
             "metrics": info.get("metrics"),
             "data_hash": info.get("data_hash"),
-            "git_commit": info.get("git_commit"),
-            "mlflow_run_id": info.get("mlflow_run_id"),
-            "run_name": info.get("run_name"),
         }
         lock = origin.get("dvc_lock")
         if lock:

@@ -94,6 +94,21 @@ def check_info(info: Any) -> None:
         raise BundleError("the bundle did not pass its quality gate")
 
 
+def run_facts_path(bundle: Path) -> Path:
+    """``bundle.run.json`` beside ``bundle.zip``: the run-specific facts of a bundle."""
+    return bundle.with_suffix(".run.json")
+
+
+def read_run_facts(bundle: Path, md5: str) -> dict[str, Any]:
+    """The facts beside ``bundle`` when they describe the bundle with this md5, else ``{}``
+    (a bundle copied or checked out without them is still a bundle)."""
+    try:
+        facts = json.loads(run_facts_path(bundle).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return facts if isinstance(facts, dict) and facts.get("bundle_md5") == md5 else {}
+
+
 def bundle_bytes(model_file: Path, info: dict[str, Any]) -> bytes:
     """The bundle's bytes: deterministic for the same model file and info."""
     info = {**info, "format": FORMAT}

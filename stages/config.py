@@ -92,6 +92,12 @@ class Paths:
         return self.candidate / "metadata.json"
 
     @property
+    def run_link(self) -> Path:
+        """The MLflow run of the current candidate: written by ``train``, read by ``report``
+        and ``promote``. Outside every DVC out, so no run id makes an output differ."""
+        return self.root / ".mlflow-run.json"
+
+    @property
     def bundle(self) -> Path:
         """The promoted, self-contained model bundle: the only thing serving loads."""
         return self.models / "bundle.zip"

@@ -64,6 +64,7 @@ class Preprocess(Section):
 
 
 class Split(Section):
+    seed: Annotated[int, Field(ge=0)] | None
     test_size: Fraction
     val_size: Fraction
 
@@ -77,6 +78,7 @@ class Augment(Section):
 
 
 class Train(Section):
+    seed: Annotated[int, Field(ge=0)] | None
     backbone: Literal["small_cnn", "mobilenetv2", "efficientnetb0", "inceptionv3"]
     weights: str
     backbone_size: Annotated[int, Field(ge=8)] | None
@@ -103,6 +105,9 @@ class Train(Section):
 class Report(Section):
     positive_class: str | None
     target_recall: Annotated[float, Field(gt=0.0, le=1.0)]
+    # confidence of the one-sided lower bound on val recall that must reach target_recall;
+    # below 0.5 the "lower bound" would lie above the measured recall
+    recall_confidence: Annotated[float, Field(ge=0.5, lt=1.0)]
     batch_size: Positive
 
 
@@ -128,6 +133,17 @@ class Params(Section):
     report: Report
     promote: Promote
     mlflow: Mlflow
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the split: ``split.seed``, else ``base.seed``."""
+        return self.base.seed if self.split.seed is None else self.split.seed
+
+    @property
+    def train_seed(self) -> int:
+        """The seed of weights, shuffling and augmentation: ``train.seed``, else ``base.seed``
+        (so another initialisation can be tried on the same split)."""
+        return self.base.seed if self.train.seed is None else self.train.seed
 
     def check_classes(self, classes: list[str], where: str) -> None:
         """Cross-check against the class names found in the data (``where`` says where)."""

@@ -6,7 +6,9 @@ The candidate (``models/candidate/``) passes when its test ``promote.metric`` (m
 
 1. ``models/bundle.zip`` is written atomically (see :mod:`stages.bundle`): the server,
    watching that one file, swaps to it in one step; while ``dvc repro`` or ``dvc exp run``
-   is half-way, and whenever the gate fails, the previously promoted bundle stays;
+   is half-way, and whenever the gate fails, the previously promoted bundle stays. Its
+   bytes depend on its content only; the run-specific facts (MLflow run, git commit,
+   registry version) go beside it, to ``models/bundle.run.json``, which DVC does not hash;
 2. the bundle is registered in MLflow as a new version of ``mlflow.registered_model``, and
    gets the ``mlflow.champion_alias`` when it beats the current champion on the metric.
 
@@ -21,7 +23,7 @@ import logging
 import sys
 from typing import Any
 
-from stages.bundle import Bundle, BundleError, write_bundle
+from stages.bundle import Bundle, BundleError, read_run_facts, run_facts_path, write_bundle
 from stages.config import PATHS, StageError, load_params, setup_logging, stage_main
 from stages.params import Promote
 
@@ -57,9 +59,6 @@ def bundle_info(
         "metrics": {k: test_metrics.get(k) for k in SUMMARY_METRICS},
         "data_hash": meta["data_hash"],
         "params_digest": meta["params_digest"],
-        "git_commit": meta.get("git_commit"),
-        "mlflow_run_id": meta.get("mlflow_run_id"),
-        "run_name": meta["run_name"],
     }
 
 
@@ -70,10 +69,8 @@ def describe_current() -> str:
     except BundleError as exc:
         return f"no bundle is promoted yet ({exc})"
     g = current.info["gate"]
-    return (
-        f"models/bundle.zip keeps the bundle promoted by run {current.info['run_name']} "
-        f"({g['metric']} {g['value']})"
-    )
+    run = read_run_facts(PATHS.bundle, current.md5).get("run_name") or f"md5 {current.md5}"
+    return f"models/bundle.zip keeps the bundle promoted by {run} ({g['metric']} {g['value']})"
 
 
 def read_json(path) -> dict[str, Any]:
@@ -93,7 +90,8 @@ def main() -> None:
     from stages import tracking
 
     ml = params.mlflow
-    run = tracking.resume(meta, ml.experiment)
+    link = tracking.read_run_link()
+    run = tracking.resume(link, ml.experiment)
     with tracking.taken(run):
         run.log_params(tracking.flatten({"promote": params.promote.model_dump()}))
         run.set_tags({"quality_gate": "passed" if verdict["passed"] else "failed"})
@@ -105,6 +103,15 @@ def main() -> None:
             )
         info = bundle_info(meta, op, test_metrics, verdict)
         md5 = write_bundle(PATHS.bundle, PATHS.model_file, info)
+        facts = {
+            "bundle_md5": md5,
+            "mlflow_run_id": run.run_id if run.ok else None,
+            "run_name": link["run_name"],
+            "git_commit": link.get("git_commit"),
+        }
+        run_facts_path(PATHS.bundle).write_text(
+            json.dumps(facts, indent=2) + "\n", encoding="utf-8"
+        )
         log.info(
             "quality gate passed (test %s %s >= %s): promoted models/bundle.zip (md5 %s)",
             verdict["metric"], verdict["value"], verdict["min_value"], md5,
@@ -118,6 +125,10 @@ def main() -> None:
                 ml.champion_alias,
             )
             if registered:
+                facts["registered"] = {"name": ml.registered_model, **registered}
+                run_facts_path(PATHS.bundle).write_text(
+                    json.dumps(facts, indent=2) + "\n", encoding="utf-8"
+                )
                 tags = {k: v for k, v in registered.items() if v is not None}
                 run.set_tags({"registered_model": ml.registered_model, **tags})
                 holder = (

@@ -1,7 +1,8 @@
 """Stage ``split``: stable, stratified train / val / test file lists.
 
 An image's side depends only on the SHA-256 of its *raw* content (from
-``data/manifest.csv``) and ``base.seed``, never on how it was preprocessed, so experiments
+``data/manifest.csv``) and the split seed (``split.seed``, else ``base.seed``), never on how
+it was preprocessed, so experiments
 on ``preprocess`` params are scored on the same test images:
 ``u = H(seed, "test", sha)`` uniform in [0, 1) puts it in test when ``u < test_size``;
 otherwise ``H(seed, "val", sha) < val_size`` carves it into val (the fraction of train
@@ -139,7 +140,7 @@ def format_counts(counts: dict[str, dict[str, int]]) -> str:
 def main() -> None:
     params = load_params()
     setup_logging(params.base.log_level)
-    seed, cfg = params.base.seed, params.split
+    seed, cfg = params.split_seed, params.split
     prefix = f"{PATHS.processed.relative_to(PATHS.root).as_posix()}/"
     sides = assign(read_manifest(PATHS.manifest, prefix), seed, cfg.test_size, cfg.val_size)
     counts = count_by_class(sides)

@@ -272,15 +272,34 @@ def pending_key(key: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.-]", "_", key)
 
 
-def resume(meta: dict[str, Any], experiment: str) -> Run:
-    """The run ``train`` created for this candidate (its id is in the metadata); an offline
-    run when ``train`` could not reach the store either."""
-    uri, key = tracking_uri(), str(meta["run_name"])
+def write_run_link(run: Run, name: str, data_hash: str, commit: str | None) -> None:
+    """Tell ``report`` and ``promote`` which run the candidate belongs to (``.mlflow-run.json``,
+    outside the DVC outs: run ids differ every run, the outputs must not)."""
+    link = {
+        "run_id": run.run_id if run.ok else None,
+        "run_name": name,
+        "data_hash": data_hash,
+        "git_commit": commit,
+    }
+    PATHS.run_link.write_text(json.dumps(link, indent=2) + "\n", encoding="utf-8")
+
+
+def read_run_link() -> dict[str, Any]:
+    """What :func:`write_run_link` wrote (a clear error before any train run)."""
+    if not PATHS.run_link.is_file():
+        raise StageError(f"{PATHS.run_link.name} not found: run the train stage first")
+    return json.loads(PATHS.run_link.read_text(encoding="utf-8"))
+
+
+def resume(link: dict[str, Any], experiment: str) -> Run:
+    """The run ``train`` created for the candidate; an offline run when ``train`` could not
+    reach the store either."""
+    uri, key = tracking_uri(), str(link["run_name"])
     pending = PATHS.cache / "mlflow-pending"
-    if meta.get("mlflow_run_id") is None and (pending / f"{pending_key(key)}.json").exists():
+    if link.get("run_id") is None and (pending / f"{pending_key(key)}.json").exists():
         return Run.offline(uri, experiment, key, pending, "train could not reach MLflow")
-    tags = run_tags(meta["data_hash"], PATHS.root)
-    return Run.start(uri, experiment, key, pending, run_id=meta.get("mlflow_run_id"), tags=tags)
+    tags = run_tags(link["data_hash"], PATHS.root)
+    return Run.start(uri, experiment, key, pending, run_id=link.get("run_id"), tags=tags)
 
 
 def check_required(run: Run, required: bool) -> None:

@@ -11,18 +11,22 @@ served: ``report`` judges it and ``promote`` bundles it only when it passes the 
 MLflow run is created here (see ``stages.tracking``); its id goes into ``metadata.json``
 for ``report`` and ``promote`` to resume.
 
-Deterministic: seeds from ``base.seed`` and TF op determinism, so the same params and data
-give the same metrics on the same machine.
+Deterministic: seeds from ``train.seed`` (else ``base.seed``) and TF op determinism, so the
+same params and data give the same weights on the same machine, and the model file is saved
+byte-stable (:func:`save_model`): ``dvc repro -f`` leaves ``dvc.lock`` unchanged. The MLflow
+run id, which differs every run, goes to ``.mlflow-run.json``, outside every DVC out.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import sys
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,6 +204,44 @@ def write_history(rows: Sequence[dict[str, Any]], path: Path) -> None:
             )
 
 
+def _renumber_shared_objects(node: Any, ids: dict[int, int]) -> Any:
+    """Keras names objects shared between layers by their Python ``id()``; number them
+    1, 2, ... in order of appearance instead (same sharing, no memory address)."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "shared_object_id" and isinstance(value, int):
+                value = ids.setdefault(value, len(ids) + 1)
+            out[key] = _renumber_shared_objects(value, ids)
+        return out
+    if isinstance(node, list):
+        return [_renumber_shared_objects(v, ids) for v in node]
+    return node
+
+
+def save_model(model: Any, path: Path) -> None:
+    """``model.save(path)``, then made byte-stable: Keras stamps the save time into the
+    archive (``date_saved`` and the weights entry's zip time) and memory addresses into
+    its config (``shared_object_id``); the first is dropped, the others fixed, so the same
+    weights always give the same file."""
+    model.save(path)
+    out = io.BytesIO()
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+        for entry in src.infolist():
+            data = src.read(entry)
+            if entry.filename == "metadata.json":
+                meta = json.loads(data)
+                meta.pop("date_saved", None)
+                data = json.dumps(meta, sort_keys=True).encode()
+            elif entry.filename == "config.json":
+                data = json.dumps(_renumber_shared_objects(json.loads(data), {})).encode()
+            fixed = zipfile.ZipInfo(entry.filename, (1980, 1, 1, 0, 0, 0))
+            fixed.compress_type = entry.compress_type
+            fixed.external_attr = entry.external_attr
+            dst.writestr(fixed, data)
+    path.write_bytes(out.getvalue())
+
+
 def write_json(data: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -209,7 +251,7 @@ def write_json(data: Any, path: Path) -> None:
 def main() -> None:
     params = load_params()
     setup_logging(params.base.log_level)
-    cfg, ml, seed = params.train, params.mlflow, params.base.seed
+    cfg, ml, seed = params.train, params.mlflow, params.train_seed
     decode = DecodeOptions.from_params(params.preprocess)
     lists = [PATHS.split_list(s) for s in ("train", "val", "test")]
     train_paths, train_labels = read_list(lists[0])
@@ -225,6 +267,7 @@ def main() -> None:
     import keras
 
     from stages import tracking
+    from stages.architecture import can_draw, draw_model, missing
     from stages.model import build_model
 
     seed_everything(seed)
@@ -290,7 +333,11 @@ def main() -> None:
         )
 
         PATHS.candidate.mkdir(parents=True, exist_ok=True)
-        model.save(PATHS.model_file)
+        save_model(model, PATHS.model_file)
+        if can_draw():
+            draw_model(model, PATHS.candidate / "model.png")
+        else:  # a picture is no reason to throw the training away
+            log.warning("models/candidate/model.png not drawn: %s", missing())
         write_history(rows, PATHS.metrics / "train" / "history.csv")
         summary = {
             "epochs_run": len(rows),
@@ -308,16 +355,16 @@ def main() -> None:
                 "backbone": cfg.backbone,
                 "params_digest": pdigest,
                 "data_hash": dhash,
-                "git_commit": tags.get("git_commit"),
-                "mlflow_run_id": run.run_id if run.ok else None,
-                "run_name": name,
             },
             PATHS.model_metadata,
         )
+        tracking.write_run_link(run, name, dhash, tags.get("git_commit"))
         log.info("wrote the candidate %s", PATHS.candidate.relative_to(PATHS.root))
         run.log_metrics(summary | {"train_seconds": seconds, "train_images_per_second": speed})
         run.log_artifact(PATHS.metrics / "train" / "history.csv", "train")
         run.log_artifact(PATHS.model_metadata, "train")
+        if (PATHS.candidate / "model.png").is_file():
+            run.log_artifact(PATHS.candidate / "model.png", "train")
     tracking.check_required(run, ml.required)
 
 

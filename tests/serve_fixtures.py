@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from benchmarks.common import stop_process
-from stages.bundle import FORMAT, INFO_ENTRY, MODEL_ENTRY, write_bundle
+from stages.bundle import FORMAT, INFO_ENTRY, MODEL_ENTRY, run_facts_path, write_bundle
 from stages.imaging import DecodeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +69,6 @@ def bundle_info(
         "metrics": dict(METRICS),
         "data_hash": "test-data-hash",
         "params_digest": "test-params",
-        "git_commit": "0123456789abcdef0123456789abcdef01234567",
-        "mlflow_run_id": None,
-        "run_name": "test-run",
         **extra,
     }
 
@@ -94,6 +91,13 @@ def write_raw_bundle(path: Path, info: Any, model_bytes: bytes, fmt: int | None 
     return path
 
 
+RUN_FACTS = {
+    "mlflow_run_id": None,
+    "run_name": "test-run",
+    "git_commit": "0123456789abcdef0123456789abcdef01234567",
+}
+
+
 def make_bundle(
     target: Path,
     class_names: tuple[str, ...] = ("safe", "sensitive"),
@@ -108,9 +112,12 @@ def make_bundle(
     folder that gets ``bundle.zip``) as ``promote`` would; returns the bundle's path.
 
     ``gate_passed=False`` gives a bundle whose gate failed: :func:`write_bundle` refuses
-    to write one, so that zip is built by hand (:func:`write_raw_bundle`).
+    to write one, so that zip is built by hand (:func:`write_raw_bundle`). The run facts
+    (``mlflow_run_id``, ``run_name``, ``git_commit``) go beside the bundle, into
+    ``bundle.run.json``, as ``promote`` writes them.
     """
     path = bundle_file(target)
+    facts = {k: extra.pop(k, default) for k, default in RUN_FACTS.items()}
     info = bundle_info(class_names, size, threshold, positive_class, gate_passed, **extra)
     with tempfile.TemporaryDirectory(prefix="tiny-model-") as tmp:
         model = save_tiny_model(Path(tmp) / "model.keras", len(class_names), size, seed)
@@ -118,6 +125,8 @@ def make_bundle(
             write_bundle(path, model, info)
         else:
             write_raw_bundle(path, info, model.read_bytes())
+    facts["bundle_md5"] = md5(path)
+    run_facts_path(path).write_text(json.dumps(facts), encoding="utf-8")
     return path
 
 

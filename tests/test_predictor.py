@@ -16,6 +16,7 @@ import yaml
 import imagefactory as f
 from serve.predictor import ModelLoadError, Predictor
 from serve_fixtures import (
+    RUN_FACTS,
     bundle_info,
     make_bundle,
     md5,
@@ -244,8 +245,10 @@ def test_version_describes_the_bundle(predictor, bundle):
     assert v["class_names"] == ["safe", "sensitive"] and v["image_size"] == 32
     assert v["operating_point"] == {"positive_class": "sensitive", "threshold": 0.4}
     info = bundle_info()
-    for key in ("gate", "metrics", "data_hash", "git_commit", "mlflow_run_id", "run_name"):
+    for key in ("gate", "metrics", "data_hash"):
         assert v[key] == info[key], key
+    for key in ("git_commit", "mlflow_run_id", "run_name"):  # from bundle.run.json
+        assert v[key] == RUN_FACTS[key], key
     assert not [s for s in string_values(v) if s.startswith("/")]
 
 
@@ -321,7 +324,8 @@ def _register_load_and_compare(tmp_path, uri):
     assert v["bundle_md5"] == md5(bundle)
     assert v["source"] == "models:/tiny@champion"
     assert v["registry"] == {"name": "tiny", "version": "1", "alias": "champion"}
-    assert v["mlflow_run_id"] == run_id and v["run_name"] == "tiny-run"
+    assert v["mlflow_run_id"] == run_id  # from the registry, not from a file
+    assert v["run_name"] == client.get_run(run_id).info.run_name
     assert v["dvc_lock"] is None
     assert not [s for s in string_values(v) if s.startswith("/")]
     with zipfile.ZipFile(bundle) as zf:

@@ -11,7 +11,14 @@ import httpx
 import pytest
 
 import imagefactory as f
-from serve_fixtures import ServerProcess, bundle_info, make_bundle, md5, string_values
+from serve_fixtures import (
+    RUN_FACTS,
+    ServerProcess,
+    bundle_info,
+    make_bundle,
+    md5,
+    string_values,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -182,14 +189,17 @@ def test_health_version_and_docs(client, server):
     assert ready["reloads"] == 0 and ready["last_reload_error"] is None
     v = client.get("/version").json()
     assert set(v) == VERSION_KEYS
-    info = bundle_info(mlflow_run_id=RUN_ID)
+    info = bundle_info()
     assert v["source"] == "bundle.zip"  # outside the project: the name, never the full path
     assert v["dvc_lock"] is None
     assert v["bundle_md5"] == md5(server.bundle)
     assert v["class_names"] == ["safe", "sensitive"] and v["image_size"] == 32
     assert v["operating_point"] == {"positive_class": "sensitive", "threshold": 0.4}
-    for key in ("gate", "metrics", "data_hash", "git_commit", "mlflow_run_id", "run_name"):
+    for key in ("gate", "metrics", "data_hash"):
         assert v[key] == info[key], key
+    # run facts come from bundle.run.json beside the bundle, not from its bytes
+    assert (v["mlflow_run_id"], v["run_name"]) == (RUN_ID, RUN_FACTS["run_name"])
+    assert v["git_commit"] == RUN_FACTS["git_commit"]
     assert v["gate"]["passed"] is True
     assert v["last_reload_error"] is None
     assert 0 < time.time() - v["loaded_at"] < 3600

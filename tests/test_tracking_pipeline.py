@@ -134,6 +134,13 @@ def bundle_info(repo: Path) -> dict:
         return json.loads(zf.read("bundle.json"))
 
 
+def run_facts(repo: Path) -> dict:
+    """What promote wrote beside the bundle: run id, run name, git commit, registry."""
+    facts = json.loads((repo / "models" / "bundle.run.json").read_text())
+    assert facts["bundle_md5"] == bundle_md5(repo)
+    return facts
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the default store: <workspace>/mlflow.db
@@ -167,7 +174,13 @@ def test_repro_promotes_a_bundle_for_any_class_names(repo: Path):
         "value": test["accuracy"],
         "passed": True,
     }
-    assert {"accuracy", "macro_f1", "roc_auc", "pr_auc", "per_class", "argmax"} <= set(test)
+    # the headline dvc exp show lists; the details sit in a report file
+    assert set(test) == {"accuracy", "macro_f1", "roc_auc", "pr_auc", "recall", "precision"}
+    assert test["recall"] == op["test"]["recall"]
+    detail = json.loads((repo / "metrics" / "report" / "test_detail.json").read_text())
+    assert detail["positive_class"] == "cats" and set(detail["argmax"]) == {
+        "accuracy", "macro_f1", "per_class",
+    }  # fmt: skip
     train = json.loads((repo / "metrics" / "train.json").read_text())
     assert set(train) == {"epochs_run", "best_epoch", "best_val_loss", "best_val_accuracy"}
     text = (repo / "metrics" / "report" / "classification_report.txt").read_text()
@@ -178,10 +191,15 @@ def test_repro_promotes_a_bundle_for_any_class_names(repo: Path):
     assert "up to date" in dvc(repo, "status").stdout.lower()
 
     client, runs = mlflow_runs(repo)
-    assert [r.info.run_id for r in runs] == [info["mlflow_run_id"]]
+    facts = run_facts(repo)
+    assert [r.info.run_id for r in runs] == [facts["mlflow_run_id"]]
     run_ = runs[0]
     assert run_.info.status == "FINISHED"
-    assert run_.info.run_name == info["run_name"] and run_.info.run_name.startswith("repro-")
+    assert run_.info.run_name == facts["run_name"] and run_.info.run_name.startswith("repro-")
+    assert facts["registered"] == {
+        "name": "imgclf", "version": "1", "alias": "champion", "champion_value": test["accuracy"],
+        "champion_version": "1",
+    }  # fmt: skip
     assert run_.data.params["train.epochs"] == "3" and "report.target_recall" in run_.data.params
     assert run_.data.tags["quality_gate"] == "passed" and run_.data.tags["positive_class"] == "cats"
     assert {"test_accuracy", "test_argmax_accuracy", "epochs_run", "best_val_loss"} <= set(
@@ -266,7 +284,7 @@ def test_a_gated_out_model_is_never_served_nor_registered(repo: Path, server):
     assert gate_line == [
         f"error: QUALITY GATE FAILED: test accuracy {test['accuracy']} < promote.min_value 1.0; "
         "the candidate is neither promoted nor registered, and models/bundle.zip keeps the "
-        f"bundle promoted by run {bundle_info(repo)['run_name']} (accuracy "
+        f"bundle promoted by {run_facts(repo)['run_name']} (accuracy "
         f"{bundle_info(repo)['gate']['value']})"
     ]
     assert bundle_md5(repo) == old_md5
@@ -312,7 +330,7 @@ def test_an_exp_run_is_served_only_once_promoted_with_its_own_threshold(repo: Pa
 
     client, runs = mlflow_runs(repo)
     newest = max(runs, key=lambda r: r.info.start_time)
-    assert newest.info.run_name == newest.data.tags["dvc_exp_name"] == new_info["run_name"]
+    assert newest.info.run_name == newest.data.tags["dvc_exp_name"] == run_facts(repo)["run_name"]
     assert newest.info.status == "FINISHED"
     versions = {str(v.version): v for v in client.search_model_versions("name='imgclf'")}
     assert sorted(versions) == ["1", "2"] and versions["2"].run_id == newest.info.run_id
@@ -363,6 +381,19 @@ def test_stopped_and_killed_stages_end_their_runs_killed(repo: Path):
     assert client.get_run(killed).info.status == "KILLED"
     assert client.get_run(killed).data.tags["imgclf.closed"] == "owner process gone"
     run(repo, "git", "checkout", "--", "params.yaml")
+    dvc(repo, "checkout", "-f")
+
+
+@pytest.mark.integration
+def test_forced_reruns_leave_dvc_lock_byte_identical(repo: Path):
+    """Same machine, same params and data: every output DVC hashes comes out the same (no
+    save times, object ids or run ids in them), so `dvc repro -f` changes nothing."""
+    dvc(repo, "repro", "-f")
+    first = (repo / "dvc.lock").read_bytes()
+    proc = dvc(repo, "repro", "-f")
+    assert ran(proc.stdout) == STAGES
+    assert (repo / "dvc.lock").read_bytes() == first
+    run(repo, "git", "checkout", "--", "dvc.lock")
     dvc(repo, "checkout", "-f")
 
 
