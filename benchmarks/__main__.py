@@ -6,6 +6,7 @@ Usage::
     python -m benchmarks --quick --out /tmp/R.md --corpus /tmp/corpus   # smoke run
     python -m benchmarks --only preprocess,dvc
     python -m benchmarks --only threshold --out /tmp/R.md   # ~1 min, builds no corpus
+    python -m benchmarks --only model --out /tmp/R.md       # ~5.5 min, builds no corpus
 
 Progress goes to stderr; each benchmark that fails is recorded as "not run: <reason>".
 """
@@ -37,12 +38,22 @@ BENCHMARKS = (
     ("serving", "Serving", "benchmarks.bench_serving:bench"),
     ("memory", "Memory", "benchmarks.bench_memory:bench"),
     ("threshold", "Operating threshold", "benchmarks.bench_threshold:bench"),
+    ("model", "Default model", "benchmarks.bench_model:bench"),
 )
 # Benchmarks that do not read the photo corpus: run alone, they do not build it.
-NO_CORPUS = frozenset({"threshold"})
+NO_CORPUS = frozenset({"threshold", "model"})
 # Run order: everything that forks worker processes before anything loads TensorFlow
 # into this process.
-RUN_ORDER = ("preprocess", "incremental", "dvc", "memory", "serving", "threshold", "input")
+RUN_ORDER = (
+    "preprocess",
+    "incremental",
+    "dvc",
+    "memory",
+    "serving",
+    "threshold",
+    "input",
+    "model",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -79,16 +79,21 @@ class Augment(Section):
 
 class Train(Section):
     seed: Annotated[int, Field(ge=0)] | None
-    backbone: Literal["small_cnn", "mobilenetv2", "efficientnetb0", "inceptionv3"]
+    backbone: Literal["cnn", "small_cnn", "mobilenetv2", "efficientnetb0", "inceptionv3"]
     weights: str
     backbone_size: Annotated[int, Field(ge=8)] | None
     cnn_filters: Annotated[list[Positive], Field(min_length=1)]
+    cnn_depth: Positive
     cnn_dense: Positive
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
     batch_size: Positive
     epochs: Positive
     learning_rate: Annotated[float, Field(gt=0.0)]
+    lr_schedule: Literal["cosine", "constant"]
+    warmup_epochs: Annotated[int, Field(ge=0)]
+    weight_decay: Annotated[float, Field(ge=0.0)]
     patience: Positive
+    min_delta: Annotated[float, Field(ge=0.0)]
     class_weight: Literal["auto", "none"]
     augment: Augment
     fine_tune_epochs: Annotated[int, Field(ge=0)]
@@ -97,8 +102,10 @@ class Train(Section):
 
     @model_validator(mode="after")
     def _weights_fit_backbone(self) -> Train:
-        if self.backbone == "small_cnn" and self.weights.lower() == "imagenet":
-            raise ValueError("weights: small_cnn has no ImageNet weights (use none or a file)")
+        if self.backbone in ("cnn", "small_cnn") and self.weights.lower() == "imagenet":
+            raise ValueError(
+                f"weights: {self.backbone} has no ImageNet weights (use none or a file)"
+            )
         return self
 
 

@@ -138,18 +138,33 @@ def fit(
     callbacks: Sequence[Any] = (),
 ) -> list[dict[str, float]]:
     """Phase 1 (head, or everything for a non-pretrained backbone), then the optional
-    fine-tune phase. Early stopping on ``val_loss`` with the best weights restored; a
-    fine-tune phase that does not beat phase 1 is undone. Returns one row per epoch.
+    fine-tune phase. Each phase: AdamW with ``train.weight_decay``, the learning rate of
+    ``train.lr_schedule`` (cosine: ``train.warmup_epochs`` of linear warm-up, then cosine
+    decay to 0 at the phase's last epoch, per step), early stopping on ``val_loss``
+    (``train.patience`` epochs without a gain over ``train.min_delta``) with the
+    lowest-``val_loss`` weights restored. A fine-tune phase that does not beat phase 1 is
+    undone. Returns one row per epoch; ``lr`` is the learning rate of its last step.
     """
-    import keras
+    from stages.model import (
+        BACKBONE_LAYER,
+        EarlyStop,
+        compile_model,
+        learning_rate_schedule,
+        unfreeze_top,
+    )
 
-    from stages.model import BACKBONE_LAYER, compile_model, is_pretrained, unfreeze_top
+    steps = int(train_ds.cardinality())  # batches per epoch
+    if steps == -2:  # unknown to tf.data (e.g. after a filter): count one pass
+        steps = sum(1 for _ in train_ds)
+    if steps <= 0:
+        raise ValueError("the training dataset is empty or infinite")
 
     def phase(name: str, lr: float, first: int, epochs: int) -> list[dict[str, float]]:
-        compile_model(model, lr)
-        stop = keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=cfg.patience, restore_best_weights=True
+        schedule = learning_rate_schedule(
+            cfg.lr_schedule, lr, epochs * steps, cfg.warmup_epochs * steps
         )
+        compile_model(model, schedule, cfg.weight_decay)
+        stop = EarlyStop(cfg.patience, cfg.min_delta)
         hist = model.fit(
             train_ds,
             validation_data=val_ds,
@@ -160,36 +175,49 @@ def fit(
             shuffle=False,  # the dataset shuffles itself (seeded)
             verbose=2,
         )
+        history = dict(hist.history)
+        rates = history.pop("learning_rate")
+        if stop.stopped_epoch is not None:
+            log.info(
+                "early stop after epoch %d: no val_loss gain over %g in %d epochs; "
+                "weights of epoch %d kept",
+                stop.stopped_epoch + 1,
+                cfg.min_delta,
+                cfg.patience,
+                (stop.best_epoch or 0) + 1,
+            )
         return [
             {
                 "epoch": first + i + 1,
                 "phase": name,
-                **{k: float(v[i]) for k, v in hist.history.items()},
-                "lr": lr,
+                **{k: float(v[i]) for k, v in history.items()},
+                "lr": float(rates[i]),
             }
-            for i in range(len(hist.history["loss"]))
+            for i in range(len(history["loss"]))
         ]
 
     rows = phase("train", cfg.learning_rate, 0, cfg.epochs)
     ft_epochs = cfg.fine_tune_epochs
-    backbone_is_frozen = cfg.backbone != "small_cnn" and is_pretrained(cfg.weights)
+    # build_model freezes a backbone whose weights were loaded (imagenet or a file)
+    backbone_is_frozen = not model.get_layer(BACKBONE_LAYER).trainable
     if ft_epochs > 0 and not backbone_is_frozen:
         log.info("fine-tune skipped: the backbone was trained from the start (no frozen part)")
     elif ft_epochs > 0:
-        best = min(r["val_loss"] for r in rows)
+        best = best_row(rows)["val_loss"]
         saved = model.get_weights()
         n = unfreeze_top(model, cfg.fine_tune_layers)
         log.info("fine-tune: %d layers of %s unfrozen", n, BACKBONE_LAYER)
         ft = phase("fine_tune", cfg.fine_tune_learning_rate, len(rows), ft_epochs)
         rows += ft
-        if min(r["val_loss"] for r in ft) >= best:
+        if not best_row(ft)["val_loss"] < best:
             log.info("fine-tune did not improve val_loss (%.4f); phase-1 weights kept", best)
             model.set_weights(saved)
     return rows
 
 
 def best_row(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-    """The epoch with the lowest ``val_loss`` (the weights kept)."""
+    """The epoch with the lowest ``val_loss`` (the weights kept: early stopping restores
+    them, and a fine-tune phase is kept only when its lowest beats phase 1's)."""
     return min(rows, key=lambda r: r["val_loss"])
 
 
@@ -311,6 +339,7 @@ def main() -> None:
             dropout=cfg.dropout,
             augment=cfg.augment.model_dump(),
             cnn_filters=cfg.cnn_filters,
+            cnn_depth=cfg.cnn_depth,
             cnn_dense=cfg.cnn_dense,
             seed=seed,
         )
@@ -339,13 +368,8 @@ def main() -> None:
         else:  # a picture is no reason to throw the training away
             log.warning("models/candidate/model.png not drawn: %s", missing())
         write_history(rows, PATHS.metrics / "train" / "history.csv")
-        summary = {
-            "epochs_run": len(rows),
-            "best_epoch": int(best["epoch"]),
-            "best_val_loss": round(best["val_loss"], 6),
-            "best_val_accuracy": round(best["val_accuracy"], 6),
-        }
-        write_json(summary, PATHS.metrics / "train.json")
+        summary = {"epochs_run": len(rows), "best_epoch": int(best["epoch"])}
+        write_json(summary, PATHS.metrics / "train.json")  # dvc exp show's train columns
         write_json(
             {
                 "class_names": class_names,
@@ -360,7 +384,11 @@ def main() -> None:
         )
         tracking.write_run_link(run, name, dhash, tags.get("git_commit"))
         log.info("wrote the candidate %s", PATHS.candidate.relative_to(PATHS.root))
-        run.log_metrics(summary | {"train_seconds": seconds, "train_images_per_second": speed})
+        run.log_metrics(
+            summary
+            | {"best_val_loss": best["val_loss"], "best_val_accuracy": best["val_accuracy"]}
+            | {"train_seconds": seconds, "train_images_per_second": speed}
+        )
         run.log_artifact(PATHS.metrics / "train" / "history.csv", "train")
         run.log_artifact(PATHS.model_metadata, "train")
         if (PATHS.candidate / "model.png").is_file():

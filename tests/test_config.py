@@ -93,7 +93,7 @@ def error_of(section: str, **changes) -> str:
         (
             "train",
             {"weights": "imagenet"},
-            "params.yaml: train.weights: small_cnn has no ImageNet weights (use none or a file)",
+            "params.yaml: train.weights: cnn has no ImageNet weights (use none or a file)",
         ),
         (
             "promote",
@@ -141,10 +141,10 @@ def test_missing_and_unparsable_files(tmp_path):
 
 
 def test_exponent_floats_are_floats_as_in_yaml_1_2(tmp_path):
-    text = (ROOT / "params.yaml").read_text().replace("learning_rate: 0.001", "learning_rate: 1e-3")
-    assert "learning_rate: 1e-3" in text
+    text = (ROOT / "params.yaml").read_text().replace("learning_rate: 0.004", "learning_rate: 4e-3")
+    assert "learning_rate: 4e-3" in text
     (tmp_path / "params.yaml").write_text(text)
-    assert load_params(tmp_path / "params.yaml").train.learning_rate == 0.001
+    assert load_params(tmp_path / "params.yaml").train.learning_rate == 0.004
 
 
 @pytest.mark.parametrize(("test_size", "val_size", "need"), [(0.3, 0.15, 10), (0.5, 0.5, 4)])
