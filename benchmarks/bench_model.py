@@ -3,7 +3,7 @@
 Old: the ``train`` defaults before the ``cnn`` backbone (:data:`OLD_TRAIN`: ``small_cnn``
 (16, 32, 64) flattened into a 64-unit dense layer, Adam at a constant 1e-3, batch 32,
 early stopping with patience 8 and no minimum gain). New: ``params.yaml``'s ``train``
-section as it is. Both go through the project's own code: ``stages.model.build_model``,
+section as it is. Both go through the project's own code: ``stages.model.build_from_params``,
 ``stages.train.make_dataset`` (the stored JPEGs, decoded and cached as ``train`` does) and
 ``stages.train.fit`` (the recipe: schedule, weight decay, early stopping), seeded by
 ``stages.train.seed_everything``, with the same data, epoch budget and seed.
@@ -225,26 +225,14 @@ def train_and_test(
     import keras
 
     from stages import train as trn
-    from stages.model import build_model
+    from stages.model import build_from_params
 
     keras.backend.clear_session()
     trn.seed_everything(seed)
     y = labels["train"]
     train_ds = trn.make_dataset(files["train"], y, size, cfg.batch_size, True, seed)
     val_ds = trn.make_dataset(files["val"], labels["val"], size, cfg.batch_size)
-    model = build_model(
-        size,
-        CLASSES,
-        backbone=cfg.backbone,
-        weights="none",
-        backbone_size=cfg.backbone_size,
-        dropout=cfg.dropout,
-        augment=cfg.augment.model_dump(),
-        cnn_filters=cfg.cnn_filters,
-        cnn_dense=cfg.cnn_dense,
-        cnn_depth=cfg.cnn_depth,
-        seed=seed,
-    )
+    model = build_from_params(size, CLASSES, cfg.model_copy(update={"weights": "none"}), seed)
     epoch_seconds: list[float] = []
 
     class Clock(keras.callbacks.Callback):

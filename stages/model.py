@@ -403,3 +403,20 @@ class EarlyStop(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         if self.best_weights is not None:
             self.model.set_weights(self.best_weights)
+
+
+def build_from_params(image_size: int, num_classes: int, cfg: Any, seed: int) -> keras.Model:
+    """:func:`build_model` with the ``train`` params (a ``stages.params.Train``)."""
+    return build_model(
+        image_size,
+        num_classes,
+        backbone=cfg.backbone,
+        weights=cfg.weights,
+        backbone_size=cfg.backbone_size,
+        dropout=cfg.dropout,
+        augment=cfg.augment.model_dump(),
+        cnn_filters=cfg.cnn_filters,
+        cnn_depth=cfg.cnn_depth,
+        cnn_dense=cfg.cnn_dense,
+        seed=seed,
+    )

@@ -296,7 +296,7 @@ def main() -> None:
 
     from stages import tracking
     from stages.architecture import can_draw, draw_model, missing
-    from stages.model import build_model
+    from stages.model import build_from_params
 
     seed_everything(seed)
     weights = class_weights(y_train, len(class_names), cfg.class_weight)
@@ -330,19 +330,7 @@ def main() -> None:
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
                 run.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
 
-        model = build_model(
-            decode.size,
-            len(class_names),
-            backbone=cfg.backbone,
-            weights=cfg.weights,
-            backbone_size=cfg.backbone_size,
-            dropout=cfg.dropout,
-            augment=cfg.augment.model_dump(),
-            cnn_filters=cfg.cnn_filters,
-            cnn_depth=cfg.cnn_depth,
-            cnn_dense=cfg.cnn_dense,
-            seed=seed,
-        )
+        model = build_from_params(decode.size, len(class_names), cfg, seed)
         log.info("model %s: %d parameters", model.name, model.count_params())
 
         start = time.perf_counter()
