@@ -21,7 +21,7 @@ run: ## the whole pipeline: your data/raw, or the bundled sample when you have n
 repro: ## run the DVC pipeline (only what changed)
 	.venv/bin/dvc repro
 
-test: ## lint + the whole test suite (about 7 min on 2 cores)
+test: ## lint + the whole test suite (about 5-6 min on 2 cores)
 	$(PY) -m pytest
 
 test-fast: ## lint + unit tests only, no real pipeline or server (under a minute)
