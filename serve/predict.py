@@ -13,15 +13,11 @@ status: 0 when at least one file was classified (undecodable ones are listed und
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as ``python serve/predict.py``: import the project
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import json
 import logging
+import sys
+from pathlib import Path
 
 from tqdm import tqdm
 

@@ -10,12 +10,6 @@ that fails keeps the old bundle and shows in ``/readyz`` and ``/version``.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as ``python serve/server.py``: import the project
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import asyncio
 import contextlib
@@ -24,6 +18,8 @@ import logging
 import os
 import signal
 import socket
+import sys
+from pathlib import Path
 
 import uvicorn
 
