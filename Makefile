@@ -11,21 +11,27 @@ install: ## create .venv with the exact pins of requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 
 sample: ## write the bundled sample into data/raw (refuses a folder holding your data)
-	$(PY) -m stages.sample
+	$(PY) -m imgclf.pipeline.sample
 
 run: ## the whole pipeline: your data/raw, or the bundled sample when you have none
-	$(PY) -m stages.sample --unless-user-data
+	$(PY) -m imgclf.pipeline.sample --unless-user-data
 	.venv/bin/dvc add -q data/raw
 	.venv/bin/dvc repro
 
 repro: ## run the DVC pipeline (only what changed)
 	.venv/bin/dvc repro
 
-test: ## lint + the whole test suite (about 5-6 min on 2 cores)
+test: ## lint + every tier: unit, integration, e2e (the README's and CI's command)
 	$(PY) -m pytest
 
-test-fast: ## lint + unit tests only, no real pipeline or server (under a minute)
-	$(PY) -m pytest -m "not integration"
+test-fast: ## lint + the unit tier only: in-process, no DVC repo, no server process (< 1 min)
+	$(PY) -m pytest -m unit
+
+test-integration: ## real server processes, sockets and browsers (tests/integration)
+	$(PY) -m pytest -m integration
+
+test-e2e: ## the pipeline through DVC in throw-away repositories (tests/e2e)
+	$(PY) -m pytest -m e2e
 
 lint: ## fix lint and format
 	.venv/bin/ruff check --fix . && .venv/bin/ruff format .
@@ -37,4 +43,4 @@ bench: ## run the benchmarks (about 8 min), write benchmarks/RESULTS.md
 	$(PY) -m pip install -q --no-deps -r requirements-bench.lock
 	$(PY) -m benchmarks
 
-.PHONY: help install sample run repro test test-fast lint serve bench
+.PHONY: help install sample run repro test test-fast test-integration test-e2e lint serve bench

@@ -4,10 +4,10 @@
   ``models/candidate/model.keras`` (``(None, size, size, 3)`` pixels 0-255 in, class
   probabilities out) and ``models/candidate/metadata.json``;
 - :func:`write_served_bundle`: what ``promote`` writes and the server loads,
-  ``models/bundle.zip`` (:mod:`stages.bundle`: the model plus ``bundle.json`` with the
+  ``models/bundle.zip`` (:mod:`imgclf.bundle`: the model plus ``bundle.json`` with the
   decode settings, an operating threshold and a passed gate).
 
-The network is the project's own :func:`stages.model.build_model` (untrained weights: speed
+The network is the project's own :func:`imgclf.pipeline.model.build_model` (untrained weights: speed
 and memory, not accuracy, are measured), falling back to a small CNN if that module is not
 there. The bundle's gate and metrics are marked as the benchmark's, not measured ones.
 """
@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from stages.bundle import write_bundle
-from stages.config import digest
-from stages.imaging import DecodeOptions
+from imgclf.bundle import write_bundle
+from imgclf.config import digest
+from imgclf.imaging import DecodeOptions
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ def build(size: int, backbone: str) -> Any:
     import keras
 
     try:
-        from stages.model import build_model
+        from imgclf.pipeline.model import build_model
     except ImportError:
-        log.warning("stages.model not found: using a stand-in CNN")
+        log.warning("imgclf.pipeline.model not found: using a stand-in CNN")
         inputs = keras.Input((size, size, 3))
         x = keras.layers.Rescaling(1 / 255)(inputs)
         x = keras.layers.Conv2D(16, 3, activation="relu")(x)

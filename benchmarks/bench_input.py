@@ -34,7 +34,7 @@ from benchmarks.common import (
     temp_dir,
 )
 from benchmarks.corpus import Corpus
-from stages.config import load_params
+from imgclf.config import load_params
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def replicate(processed: Path, dest: Path, copies: int) -> list[Path]:
 
 
 def ours_epoch(paths: list[str], y: np.ndarray, batch: int, cache: bool = False) -> int:
-    """Images yielded by one epoch of our training input (``stages.train.make_dataset``)."""
-    from stages.train import make_dataset
+    """Images yielded by one epoch of our training input (``train.make_dataset``)."""
+    from imgclf.pipeline.train import make_dataset
 
     ds = make_dataset(paths, y, SIZE, batch, shuffle=True, seed=0, cache=cache)
     return sum(int(x.shape[0]) for x, _ in ds)
@@ -82,7 +82,7 @@ def train_step_rate(cfg: dict, batch: int, steps: int) -> tuple[float, str]:
     """Images/s the project's train step consumes (input cost excluded); model name."""
     import tensorflow as tf
 
-    from stages.model import build_model, compile_model
+    from imgclf.pipeline.model import build_model, compile_model
 
     model = build_model(
         SIZE,
@@ -111,7 +111,7 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
     """Epoch throughput of both inputs (interleaved reps), and vs the train step."""
     import tf_keras  # noqa: F401  (fail early and clearly when the bench extra is missing)
 
-    from stages.train import encode_labels
+    from imgclf.pipeline.train import encode_labels
 
     result = Result("input", "Input pipeline")
     cfg = load_params().train.model_dump()
@@ -119,7 +119,7 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
     with temp_dir(settings, "input") as tmp:
         root = copy_project(tmp / "proj", {"preprocess": {"size": SIZE}})
         link_tree(corpus.photos, root / "data" / "raw")
-        run(root, sys.executable, "-m", "stages.preprocess")
+        run(root, sys.executable, "-m", "imgclf.pipeline.preprocess")
         copies = 1 if settings.quick else COPIES
         files = replicate(root / "data" / "processed", tmp / "images", copies)
         labels = [p.parent.name for p in files]
@@ -177,7 +177,7 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
 
 def _cached_rate(paths: list[str], y: np.ndarray, batch: int) -> float:
     """Images/s of a second epoch of a cached dataset (decoding done in the first)."""
-    from stages.train import make_dataset
+    from imgclf.pipeline.train import make_dataset
 
     ds = make_dataset(paths, y, SIZE, batch, shuffle=True, seed=0, cache=True)
     for _ in ds:  # first epoch fills the cache

@@ -1,7 +1,7 @@
 """Benchmark 6: peak memory of ``preprocess`` and ``report`` as the image count grows.
 
-Both stages run as their real entry points (``python -m stages.preprocess``,
-``python -m stages.report``) in a copy of the project whose ``data/raw`` holds N files of
+Both stages run as their real entry points (``python -m imgclf.pipeline.preprocess``,
+``python -m imgclf.pipeline.report``) in a copy of the project whose ``data/raw`` holds N files of
 the small-file tree (N = 1,000, 5,000, 20,000). ``report`` gets an untrained candidate of
 the project's architecture (``models/candidate/``, as ``train`` writes it) and split lists
 putting 10% of the processed images in val and the rest in test. Streaming means the peak
@@ -134,7 +134,7 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
             root = copy_project(tmp / f"n{n}")
             count = subset(corpus.tree, n, root / "data" / "raw")
             peaks["preprocess"][count] = peak_memory(
-                root, sys.executable, "-m", "stages.preprocess"
+                root, sys.executable, "-m", "imgclf.pipeline.preprocess"
             )
             log.info("memory: preprocess at %d images: %s", count, peaks["preprocess"][count])
             if "report" in errors:
@@ -148,7 +148,7 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
                     root,
                     sys.executable,
                     "-m",
-                    "stages.report",
+                    "imgclf.pipeline.report",
                     extra_env={"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"},
                 )
                 log.info("memory: report at %d images: %s", count, peaks["report"][count])

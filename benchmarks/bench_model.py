@@ -3,10 +3,10 @@
 Old: the ``train`` defaults before the ``cnn`` backbone (:data:`OLD_TRAIN`: ``small_cnn``
 (16, 32, 64) flattened into a 64-unit dense layer, Adam at a constant 1e-3, batch 32,
 early stopping with patience 8 and no minimum gain). New: ``params.yaml``'s ``train``
-section as it is. Both go through the project's own code: ``stages.model.build_from_params``,
-``stages.train.make_dataset`` (the stored JPEGs, decoded and cached as ``train`` does) and
-``stages.train.fit`` (the recipe: schedule, weight decay, early stopping), seeded by
-``stages.train.seed_everything``, with the same data, epoch budget and seed.
+section as it is. Both go through the project's own code (``imgclf.pipeline``):
+``model.build_from_params``, ``train.make_dataset`` (the stored JPEGs, decoded and cached
+as ``train`` does) and ``train.fit`` (the recipe: schedule, weight decay, early stopping),
+seeded by ``train.seed_everything``, with the same data, epoch budget and seed.
 
 Data ("hard digits", :func:`make_set`): the bundled sample's digits are too easy to tell
 good defaults from bad (the old default reached 0.985 test accuracy on it), so each image
@@ -36,7 +36,7 @@ import numpy as np
 
 from benchmarks.common import PROJECT, Figure, Result, Settings, fmt, temp_dir
 from benchmarks.corpus import Corpus
-from stages.params import Train, load_params
+from imgclf.params import Train, load_params
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,8 @@ def train_and_test(
     """Train with the project's code as the ``train`` stage does; test accuracy, time."""
     import keras
 
-    from stages import train as trn
-    from stages.model import build_from_params
+    from imgclf.pipeline import train as trn
+    from imgclf.pipeline.model import build_from_params
 
     keras.backend.clear_session()
     trn.seed_everything(seed)

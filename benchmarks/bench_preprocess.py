@@ -1,6 +1,6 @@
 """Benchmark 1: preprocess throughput against the origin's approach, and output quality.
 
-Ours: :func:`stages.preprocess.preprocess` on the photo corpus (224 px, pad, one worker per
+Ours: :func:`imgclf.pipeline.preprocess.preprocess` on the photo corpus (224 px, pad, one worker per
 core, an empty content cache each repetition). Baseline: the origin's ``preprocess.py``,
 sequential in one process: open, convert to RGB, save the full-size JPEG (Pillow's
 default quality). Quality: our draft-decoded 224 px image against a full decode resized
@@ -32,9 +32,9 @@ from benchmarks.common import (
     temp_dir,
 )
 from benchmarks.corpus import Corpus
-from stages import imaging
-from stages.imaging import DecodeOptions
-from stages.preprocess import preprocess, process_bytes
+from imgclf import imaging
+from imgclf.imaging import DecodeOptions
+from imgclf.pipeline.preprocess import preprocess, process_bytes
 
 log = logging.getLogger(__name__)
 

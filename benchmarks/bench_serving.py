@@ -7,7 +7,7 @@ model logged from the same file into a SQLite store in a temp folder.
 
 Payloads: the same 1080p JPEG photos from the corpus. Our server takes the image bytes
 (``POST /predict``) and turns them into the model's input itself
-(:func:`stages.imaging.serving_input`: decode, fit, the training JPEG round trip).
+(:func:`imgclf.imaging.serving_input`: decode, fit, the training JPEG round trip).
 ``mlflow models serve`` only takes tensors as JSON, so its client sends
 ``{"inputs": [224x224x3 floats]}`` made by the same function, *precomputed before timing*:
 the baseline gets decoding and JSON encoding for free, which favours it. Both servers are
@@ -50,7 +50,7 @@ from benchmarks.common import (
     temp_dir,
 )
 from benchmarks.corpus import Corpus
-from stages.imaging import DecodeOptions, serving_input
+from imgclf.imaging import DecodeOptions, serving_input
 
 log = logging.getLogger(__name__)
 

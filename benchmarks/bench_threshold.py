@@ -3,9 +3,10 @@
 ``report`` chooses the positive class's score threshold on the val split and serving
 decides with it. The old rule took the *highest* threshold whose val recall reaches
 ``report.target_recall``: a point estimate, so test recall lands on the target's edge and
-below it about half the time. The new rule (:func:`stages.report.confident_threshold`) takes
-the highest threshold whose one-sided Clopper-Pearson lower bound (at
-``report.recall_confidence``) of val recall reaches the target.
+below it about half the time. The new rule
+(:func:`imgclf.pipeline.report.confident_threshold`) takes the highest threshold whose
+one-sided Clopper-Pearson lower bound (at ``report.recall_confidence``) of val recall
+reaches the target.
 
 Each draw is a fresh stratified split of scikit-learn's handwritten digits (the bundled
 sample's task: digits 7-9 are ``sensitive``, the positive class; the pipeline's
@@ -26,8 +27,8 @@ import numpy as np
 
 from benchmarks.common import PROJECT, Figure, Result, Settings
 from benchmarks.corpus import Corpus
-from stages.params import load_params
-from stages.report import (
+from imgclf.params import load_params
+from imgclf.pipeline.report import (
     confident_threshold,
     positives_needed,
     precision_recall_at,

@@ -8,7 +8,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,19 +18,15 @@ from typing import Any
 
 import yaml
 
+from imgclf.testing.project import SOURCE as PROJECT
+from imgclf.testing.project import copy_project, dvc, env, run
+from imgclf.testing.server import stop_process
+
+__all__ = ["PROJECT", "copy_project", "dvc", "env", "run", "stop_process"]
+
 log = logging.getLogger("benchmarks")
 
-PROJECT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
-COPIED = (
-    "stages",
-    "serve",
-    "params.yaml",
-    "serve.yaml",
-    "dvc.yaml",
-    ".gitignore",
-    ".dvcignore",
-)
 
 
 @dataclass(frozen=True)
@@ -161,53 +156,11 @@ def rate(fn: Callable[[], int]) -> float:
     return done / (time.perf_counter() - start)
 
 
-def env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment whose ``python``/``dvc`` are this interpreter's, quiet DVC and TF."""
-    out = dict(os.environ)
-    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
-    for key in ("AUTHOR", "COMMITTER"):
-        out.setdefault(f"GIT_{key}_NAME", "bench")
-        out.setdefault(f"GIT_{key}_EMAIL", "bench@example.com")
-    out["DVC_NO_ANALYTICS"] = "1"
-    out["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    out.update(extra or {})
-    return out
-
-
-def run(
-    cwd: Path, *args: str, timeout: float = 900, extra_env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """Run a command; a failure raises with its output tail."""
-    proc = subprocess.run(
-        list(args), cwd=cwd, env=env(extra_env), capture_output=True, text=True, timeout=timeout
-    )
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-2000:]
-        raise RuntimeError(f"{' '.join(args[:4])} exited {proc.returncode}: {tail}")
-    return proc
-
-
 def timed_run(cwd: Path, *args: str, **kwargs: Any) -> float:
     """Wall time of one command."""
     start = time.perf_counter()
     run(cwd, *args, **kwargs)
     return time.perf_counter() - start
-
-
-def dvc(repo: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
-    return run(repo, sys.executable, "-m", "dvc", *args, **kwargs)
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 20) -> int:
-    """SIGTERM ``proc``, SIGKILL it after ``timeout`` seconds; its exit code."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 def hot_spots(
@@ -293,23 +246,6 @@ def link_tree(src: Path, dest: Path) -> int:
                 shutil.copy2(Path(dirpath) / name, target / name)
             count += 1
     return count
-
-
-def copy_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
-    """Copy the project's code and settings into ``dest`` (its stages then use ``dest``
-    as their root); ``params`` overrides sections of ``params.yaml`` key by key."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
-        src = PROJECT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    merged = yaml.safe_load((PROJECT / "params.yaml").read_text(encoding="utf-8"))
-    for sec, values in (params or {}).items():
-        merged.setdefault(sec, {}).update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False), encoding="utf-8")
-    return dest
 
 
 def make_repo(dest: Path, raw: Path, params: dict[str, Any] | None = None) -> Path:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.config import digest
+from imgclf.config import digest
 
 log = logging.getLogger(__name__)
 

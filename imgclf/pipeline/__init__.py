@@ -1,0 +1,1 @@
+"""The DVC stages, one module each: pure functions plus a short ``main``."""

@@ -1,0 +1,281 @@
+"""Load a promoted model bundle and classify images through one compiled call.
+
+Every entry point (``predict.py``, HTTP, TCP) goes through :class:`Predictor`: images are
+turned into exactly the pixels training saw for them (:func:`imgclf.imaging.serving_input`),
+then run in batches through a ``tf.function`` with a fixed input signature (traced once,
+warmed at load time), never ``model.predict`` per request.
+
+Serving loads bundles only (:mod:`imgclf.bundle`): ``models/bundle.zip``, a folder holding
+one, or an MLflow URI such as ``models:/imgclf@champion`` whose artifacts hold one. The
+model, the class names, the decode settings, the operating threshold and the md5 all come
+from one read of one file, so they always belong together. A bundle that did not pass its
+quality gate is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.bundle import MODEL_ENTRY, Bundle, BundleError, read_run_facts
+from imgclf.config import PATHS, import_tensorflow
+from imgclf.imaging import DecodeOptions, InvalidImage, serving_input
+from imgclf.serving.version import dvc_lock_record, shown_path
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FILE = PATHS.bundle.name
+URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+class ModelLoadError(RuntimeError):
+    """The model source is missing, incomplete or not promoted; the message says why."""
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Decision rule: ``positive_class`` when its probability is at least ``threshold``."""
+
+    positive_class: str
+    threshold: float
+    target_recall: float | None = None
+
+
+def is_uri(source: str | Path) -> bool:
+    """True for an MLflow URI (``models:/name@alias``, ``models:/name/3``, ``runs:/id/path``)."""
+    return str(source).startswith(URI_SCHEMES)
+
+
+def bundle_path(source: str | Path) -> Path:
+    """The bundle file of a local source: the file itself, or ``bundle.zip`` in a folder."""
+    path = Path(source)
+    return path / BUNDLE_FILE if path.is_dir() else path
+
+
+def _registry_version(uri: str) -> dict[str, Any] | None:
+    """Name, version and run of a registered model URI (informative only)."""
+    if not uri.startswith("models:/"):
+        return None
+    try:
+        from mlflow import MlflowClient
+
+        name, _, ref = uri.removeprefix("models:/").partition("/")
+        name, _, alias = name.partition("@")
+        client = MlflowClient()
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, ref)
+        )
+        run = client.get_run(mv.run_id)
+        return {
+            "name": name, "version": str(mv.version), "alias": alias or None,
+            "run_id": mv.run_id, "run_name": run.info.run_name,
+            "git_commit": run.data.tags.get("git_commit"),
+        }  # fmt: skip
+    except Exception as exc:
+        log.warning("cannot look up %s in the registry: %s", uri, exc)
+        return None
+
+
+def run_fields(path: Path, md5: str) -> dict[str, Any]:
+    """``/version``'s run fields from the facts ``promote`` wrote beside the bundle."""
+    facts = read_run_facts(path, md5)
+    return {k: facts.get(k) for k in ("mlflow_run_id", "run_name", "git_commit")}
+
+
+def read_source(source: str | Path) -> tuple[Bundle, dict[str, Any]]:
+    """The bundle behind ``source`` and where it came from (``/version``'s fields)."""
+    # errors name the source as /version does (they reach last_reload_error): never an
+    # absolute server path
+    label = str(source) if is_uri(source) else shown_path(bundle_path(source))
+    try:
+        if not is_uri(source):
+            path = bundle_path(source)
+            if not path.is_file():
+                raise ModelLoadError(
+                    f"no model bundle at {shown_path(path)}: run `dvc repro` (a model is "
+                    "served only once promote has passed its quality gate)"
+                )
+            bundle = Bundle.read(path)
+            origin = {"source": shown_path(path), "dvc_lock": dvc_lock_record(path)}
+            return bundle, {**origin, "registry": None, **run_fields(path, bundle.md5)}
+        import mlflow  # slow import: only when a URI is used
+
+        tmp = Path(tempfile.mkdtemp(prefix="imgclf-bundle-"))
+        try:
+            got = Path(
+                mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=str(tmp))
+            )
+            found = [got] if got.is_file() else sorted(got.rglob(BUNDLE_FILE))
+            if not found:
+                raise ModelLoadError(f"{source} holds no {BUNDLE_FILE}")
+            bundle = Bundle.read(found[0])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        # the same keys for every source: /version's shape does not depend on where from
+        origin = {"source": str(source), "dvc_lock": None}
+        registry = _registry_version(str(source)) or {}
+        run = {
+            "mlflow_run_id": registry.pop("run_id", None),
+            "run_name": registry.pop("run_name", None),
+            "git_commit": registry.pop("git_commit", None),
+        }
+        return bundle, {**origin, "registry": registry or None, **run}
+    except BundleError as exc:
+        raise ModelLoadError(f"{label}: {exc}") from None
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {label}: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass
+class Predictor:
+    """A loaded, compiled bundle with everything needed to turn images into answers."""
+
+    class_names: tuple[str, ...]
+    decode: DecodeOptions
+    operating_point: OperatingPoint
+    info: dict[str, Any]
+    version: dict[str, Any]
+    _infer: Any = field(repr=False)
+    loaded_at: float = field(default_factory=time.time)
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, source: str | Path | None = None, max_pixels: int | None = None) -> Predictor:
+        """Load a bundle (default ``models/bundle.zip``) or an MLflow URI, compiled.
+
+        ``max_pixels`` tightens (never loosens) the bundle's own decoded-pixel limit.
+        """
+        bundle, origin = read_source(source or PATHS.bundle)
+        info = bundle.info
+        options = DecodeOptions.from_dict(info["decode"])
+        if max_pixels:
+            options = replace(options, max_pixels=min(options.max_pixels, int(max_pixels)))
+        op = info["operating_point"]
+        class_names = tuple(bundle.class_names)
+        infer = _compile(bundle.model_bytes, options.size, len(class_names))
+        version = {
+            **origin,
+            "bundle_md5": bundle.md5,
+            "class_names": list(class_names),
+            "image_size": options.size,
+            "operating_point": {k: op[k] for k in ("positive_class", "threshold")},
+            "gate": info["gate"],
+            "metrics": info.get("metrics"),
+            "data_hash": info.get("data_hash"),
+        }
+        lock = origin.get("dvc_lock")
+        if lock:
+            lock["matches"] = lock["md5"] == bundle.md5
+        log.info(
+            "loaded bundle %s (md5 %s, %d classes, %dpx, %s >= %s)",
+            origin["source"], bundle.md5, len(class_names), options.size,
+            op["positive_class"], op["threshold"],
+        )  # fmt: skip
+        return cls(
+            class_names,
+            options,
+            OperatingPoint(op["positive_class"], float(op["threshold"]), op.get("target_recall")),
+            info,
+            version,
+            infer,
+        )
+
+    def warm(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run the compiled call once per batch size so the first request pays nothing."""
+        for n in sorted(set(batch_sizes)):
+            self.predict_arrays(np.zeros((n, self.decode.size, self.decode.size, 3), np.uint8))
+
+    # -------------------------------------------------------------- inference
+    def decode_image(self, source: bytes | Path) -> np.ndarray:
+        """The pixels training saw for this image; raises :class:`InvalidImage` with the
+        reason."""
+        return serving_input(source, self.decode)
+
+    def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``(n, classes)`` for a ``(n, size, size, 3)`` batch of pixels."""
+        return np.asarray(self._infer(batch.astype(np.float32, copy=False)))
+
+    def describe(self, probs: np.ndarray) -> dict[str, Any]:
+        """One image's answer: probabilities, top class and the thresholded decision."""
+        probabilities = {c: float(p) for c, p in zip(self.class_names, probs, strict=True)}
+        top = max(probabilities, key=probabilities.__getitem__)
+        return {
+            "probabilities": probabilities,
+            "top_class": top,
+            "top_probability": probabilities[top],
+            "decision": self.decide(probabilities),
+        }
+
+    def decide(self, probabilities: dict[str, float]) -> dict[str, Any]:
+        """The decision at the bundle's operating threshold."""
+        op = self.operating_point
+        positive = probabilities[op.positive_class] >= op.threshold
+        others = {c: p for c, p in probabilities.items() if c != op.positive_class}
+        return {
+            "label": op.positive_class if positive else max(others, key=others.__getitem__),
+            "rule": "threshold",
+            "positive_class": op.positive_class,
+            "threshold": op.threshold,
+            "positive": bool(positive),
+        }
+
+    def predict_paths(
+        self, paths: Sequence[Path], batch_size: int = 32
+    ) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """Classify files in batches; an undecodable file yields ``{"error": reason}``."""
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            arrays: list[np.ndarray] = []
+            answers: dict[int, dict[str, Any]] = {}
+            for i, path in enumerate(chunk):
+                try:
+                    arrays.append(self.decode_image(path))
+                except (InvalidImage, OSError) as exc:
+                    answers[i] = {"error": str(exc)}
+            probs = iter(self.predict_arrays(np.stack(arrays)) if arrays else ())
+            for i, path in enumerate(chunk):
+                yield path, answers.get(i) or self.describe(next(probs))
+
+
+def _compile(model_bytes: bytes, size: int, n_classes: int) -> Any:
+    """Load the Keras model from its bytes and wrap it in a ``tf.function`` with a fixed
+    signature."""
+    import_tensorflow()
+    import keras
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
+        path = Path(tmp) / "model.keras"
+        path.write_bytes(model_bytes)
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except Exception as exc:  # Keras names the temporary file: keep it out
+            said = str(exc).replace(str(path), MODEL_ENTRY).replace(tmp, "")
+            raise ModelLoadError(
+                f"cannot load the bundle's model ({type(exc).__name__}: {said})"
+            ) from exc
+    shape = tuple(model.input_shape)
+    if shape[1:] != (size, size, 3):
+        raise ModelLoadError(f"the bundle's model takes {shape[1:]}, its info says {size}x{size}x3")
+    if int(model.output_shape[-1]) != n_classes:
+        raise ModelLoadError(
+            f"the bundle's model outputs {model.output_shape[-1]} values for {n_classes} classes"
+        )
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    def infer(x: tf.Tensor) -> tf.Tensor:
+        return model(x, training=False)
+
+    return infer  # the closure keeps the model alive

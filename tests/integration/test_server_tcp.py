@@ -1,0 +1,230 @@
+"""The origin's TCP telnet protocol on a real ``serve/server.py``, with a raw socket."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imgclf.testing import images as f
+from imgclf.testing.bundles import make_bundle
+from imgclf.testing.server import ServerProcess, run_server_cli
+
+GREETING = b"\n\nWelcome! Enter image path to scan\n# Path: "
+PROMPT = b"# Path: "
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """scan root with images, a sub-folder, a bad file and symlinks escaping to outside/."""
+    tmp = tmp_path_factory.mktemp("tcp")
+    root = tmp / "root"
+    f.write(root / "imgs" / "a.jpg", f.jpeg(1))
+    f.write(root / "imgs" / "b.png", f.png(2))
+    f.write(root / "imgs" / "bad.jpg", b"definitely not a jpeg")
+    f.write(root / "imgs" / "sub" / "deep.jpg", f.jpeg(3))
+    f.write(tmp / "outside" / "secret.jpg", f.jpeg(4))
+    (root / "escape.jpg").symlink_to(tmp / "outside" / "secret.jpg")
+    (root / "imgs" / "link.jpg").symlink_to(tmp / "outside" / "secret.jpg")
+    (root / "linkdir").symlink_to(tmp / "outside", target_is_directory=True)
+    (root / "inner.jpg").symlink_to(root / "imgs" / "a.jpg")  # stays inside: allowed
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def server(tree):
+    srv = ServerProcess(tree, make_bundle(tree / "models"), "--scan-root", str(tree / "root"))
+    yield srv
+    srv.stop()
+
+
+class Session:
+    """A telnet-like client: send bytes, read until the next prompt."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def read_until_prompt(self) -> bytes:
+        while not self.buf.endswith(PROMPT):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            self.buf += chunk
+        out, self.buf = self.buf, b""
+        return out
+
+    def ask(self, line: str, end: bytes = b"\r\n") -> str:
+        self.sock.sendall(line.encode() + end)
+        return self.read_until_prompt().decode()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def session(server):
+    s = Session(server.tcp_port)
+    assert s.read_until_prompt() == GREETING
+    yield s
+    s.close()
+
+
+def _json(reply: str, path: str) -> dict:
+    head = f"> Scanning: {path}\n> Result for : {path}\n\n"
+    assert reply.startswith(head), reply
+    assert reply.endswith("}\n\n# Path: "), reply
+    return json.loads(reply[len(head) : -len("# Path: ")])
+
+
+def test_file(session, tree):
+    path = str(tree / "root" / "imgs" / "a.jpg")
+    doc = _json(session.ask(path), path)
+    assert set(doc) == {path, "__decision__", "__time__"}
+    assert set(doc[path]) == {"safe", "sensitive"}
+    assert sum(doc[path].values()) == pytest.approx(1.0, abs=1e-5)
+    assert doc["__decision__"][path]["rule"] == "threshold"
+    assert 0 < doc["__time__"] < 10
+
+
+def test_folder_non_recursive_with_bad_file_and_escaping_link(session, tree):
+    folder = str(tree / "root" / "imgs") + "/"
+    doc = _json(session.ask(folder), folder)
+    assert sorted(k for k in doc if not k.startswith("__")) == [folder + "a.jpg", folder + "b.png"]
+    assert set(doc["__errors__"]) == {folder + "bad.jpg", folder + "link.jpg"}
+    assert "outside the scan roots" in doc["__errors__"][folder + "link.jpg"]
+    assert "sub" not in json.dumps(doc)
+
+
+def test_telnet_lf_only_and_partial_line_writes(session, tree):
+    path = str(tree / "root" / "imgs" / "b.png")
+    for piece in (path[:5], path[5:12], path[12:]):
+        session.sock.sendall(piece.encode())
+        time.sleep(0.05)
+    session.sock.sendall(b"\r")
+    time.sleep(0.05)
+    session.sock.sendall(b"\n")
+    assert path in _json(session.read_until_prompt().decode(), path)
+    assert path in _json(session.ask(path, end=b"\n"), path)
+
+
+@pytest.mark.parametrize(
+    ("make_path", "message"),
+    [
+        (lambda t: str(t / "root" / "nope.jpg"), "no such file or directory"),
+        (lambda t: str(t / "root" / ".." / "outside" / "secret.jpg"), "'..' is not allowed"),
+        (lambda t: "../../etc/passwd", "'..' is not allowed"),
+        (lambda t: str(t / "outside" / "secret.jpg"), "outside the scan roots"),
+        (lambda t: "/etc/passwd", "outside the scan roots"),
+        (lambda t: str(t / "root" / "escape.jpg"), "outside the scan roots"),
+        (lambda t: str(t / "root" / "linkdir") + "/", "outside the scan roots"),
+        (lambda t: str(t / "root" / "linkdir" / "secret.jpg"), "outside the scan roots"),
+    ],
+    ids=["missing", "dotdot", "relative-dotdot", "absolute", "etc", "symlink", "linkdir", "via"],
+)
+def test_refused_paths_keep_the_session_usable(session, tree, make_path, message):
+    path = make_path(tree)
+    reply = session.ask(path)
+    lines = reply.split("\n")
+    assert lines[0] == f"> Scanning: {path}", reply
+    assert lines[1].startswith(f"> Error: {message}"), reply
+    assert lines[2:] == ["# Path: "], reply
+    assert "secret" not in reply.replace(path, "")
+    good = str(tree / "root" / "imgs" / "a.jpg")
+    assert good in _json(session.ask(good), good)
+
+
+def test_symlink_inside_the_root_is_allowed(session, tree):
+    path = str(tree / "root" / "inner.jpg")
+    assert path in _json(session.ask(path), path)
+
+
+def test_empty_lines_long_lines_and_quit(session, tree):
+    assert session.ask("") == "# Path: "
+    reply = session.ask("x" * 5000)
+    assert "line longer than" in reply
+    good = str(tree / "root" / "imgs" / "a.jpg")
+    assert good in _json(session.ask(good), good)
+    session.sock.sendall(b"quit\r\n")
+    tail = b""
+    while chunk := session.sock.recv(1024):
+        tail += chunk
+    assert tail == b"> Bye\n"
+
+
+def test_two_clients_at_once(server, tree):
+    a, b = Session(server.tcp_port), Session(server.tcp_port)
+    try:
+        a.read_until_prompt()
+        b.read_until_prompt()
+        path = str(tree / "root" / "imgs" / "b.png")
+        assert path in _json(b.ask(path), path)
+        assert path in _json(a.ask(path), path)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_safe_defaults_and_flag_overrides(tmp_path):
+    from imgclf.config import PATHS
+    from imgclf.serving.server import parse_args
+
+    args = parse_args([])
+    assert args.settings.host == "127.0.0.1" and args.settings.tcp_port == 1235
+    assert args.scan_roots == [PATHS.root / "data"]
+    assert args.model == "models/bundle.zip"
+    custom = yaml.safe_load(PATHS.serve_settings.read_text(encoding="utf-8"))
+    custom.update(tcp_port=4321, scan_roots=["/srv/images"], reload_poll_seconds=0.5)
+    settings = tmp_path / "custom.yaml"
+    settings.write_text(yaml.safe_dump(custom))
+    args = parse_args(
+        [
+            *("--settings", str(settings), "--scan-root", "/a", "--scan-root", "rel"),
+            *("--http-port", "0", "--batch-wait-ms", "2.5", "--model", "models:/imgclf@champion"),
+        ]
+    )
+    assert args.settings.tcp_port == 4321 and args.settings.reload_poll_seconds == 0.5
+    assert args.settings.http_port == 0 and args.settings.batch_wait_ms == 2.5
+    assert args.scan_roots == [Path("/a"), PATHS.root / "rel"]
+    assert args.model == "models:/imgclf@champion"
+    assert parse_args(["--settings", str(settings)]).scan_roots == [Path("/srv/images")]
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (
+            ["--http-port", "70000"],
+            "error: serve.yaml with flags: http_port: input should be less than or equal to "
+            "65535 (got 70000)",
+        ),
+        (
+            ["--batch-wait-ms", "-1", "--max-batch", "0"],
+            "error: serve.yaml with flags: max_batch: input should be greater than 0 (got 0); "
+            "batch_wait_ms: input should be greater than or equal to 0 (got -1.0)",
+        ),
+    ],
+    ids=["port", "two-values"],
+)
+def test_bad_flag_value_is_one_line_and_exit_2(flags, line):
+    proc = run_server_cli(*flags)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [line]
+    assert proc.stdout == ""
+
+
+def test_bad_settings_file_is_one_line_and_exit_2(tmp_path, capsys):
+    from imgclf.config import PATHS
+    from imgclf.serving.server import main
+
+    custom = yaml.safe_load(PATHS.serve_settings.read_text(encoding="utf-8"))
+    custom["tcp_prot"] = custom.pop("tcp_port")
+    settings = tmp_path / "custom.yaml"
+    settings.write_text(yaml.safe_dump(custom))
+    assert main(["--settings", str(settings)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: custom.yaml: tcp_prot: unknown key (did you mean 'tcp_port'?)\n"
