@@ -34,12 +34,14 @@ from benchmarks.common import (
 from benchmarks.corpus import Corpus
 from imgclf import imaging
 from imgclf.imaging import DecodeOptions
-from imgclf.pipeline.preprocess import preprocess, process_bytes
+from imgclf.pipeline.preprocess import preprocess
+from imgclf.pipeline.preprocess_workers import process_image
+from imgclf.testing.images import preprocess_options
 
 log = logging.getLogger(__name__)
 
-OPTIONS = DecodeOptions(size=224, mode="pad")
-QUALITY = 95
+OPTIONS = preprocess_options(size=224, mode="pad", jpeg_quality=95)
+QUALITY = OPTIONS.jpeg_quality
 SSIM_GOAL = 0.98  # a common "visually identical" bar
 PSNR_GOAL = 38.0  # dB
 
@@ -74,7 +76,6 @@ def run_ours(raw: Path, work: Path, workers: int) -> int:
         work / "manifest.csv",
         work / "cache",
         OPTIONS,
-        QUALITY,
         workers,
         work,
     )
@@ -150,7 +151,7 @@ def per_kind(files: list[Path], n: int) -> dict[str, tuple[float, float]]:
         start = time.perf_counter()
         for blob in blobs:
             hashlib.sha256(blob).hexdigest()
-            process_bytes(blob, OPTIONS, QUALITY)
+            process_image(blob, OPTIONS)
         ours = (time.perf_counter() - start) / len(blobs)
         start = time.perf_counter()
         for blob in blobs:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from imgclf.params import FORMATS
+
 # Never accept partial images silently: a truncated file is invalid, not half-grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # We enforce our own pixel limit (below) before decoding; disable Pillow's global one so
@@ -28,7 +30,6 @@ Image.MAX_IMAGE_PIXELS = None
 if TYPE_CHECKING:
     from imgclf.params import Preprocess
 
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 # A fitted image whose every channel has a standard deviation below this (on 0-255) is
 # near-uniform: kept, but flagged ``blank`` (a lens cap, an empty scan, a failed export).
@@ -41,13 +42,20 @@ class InvalidImage(ValueError):
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How to decode and fit an image (the ``preprocess`` params, also stored with the model)."""
+    """How to decode and fit an image (the ``preprocess`` params, also stored with the model).
 
-    size: int = 224
+    Build it with :meth:`from_params` (a stage) or :meth:`from_dict` (a model bundle); the
+    values live in ``params.yaml``.
+    """
+
+    size: int
+    # Defaults below only for callers that still give just ``size`` (some tests and
+    # benchmarks): they restate params.yaml, and go once those use
+    # imgclf.testing.images.preprocess_options.
     mode: str = "pad"  # "pad" keeps the aspect ratio, "crop" takes the centre square
     background: tuple[int, int, int] = (255, 255, 255)
     max_pixels: int = 89_478_485
-    formats: tuple[str, ...] = DEFAULT_FORMATS
+    formats: tuple[str, ...] = FORMATS
     jpeg_quality: int = 95  # of the stored training JPEG, and of serving's round trip
 
     def __post_init__(self) -> None:
@@ -78,6 +86,7 @@ class DecodeOptions:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The values as plain JSON types (stored in a model bundle, keys a cache)."""
         return {
             "size": self.size,
             "mode": self.mode,

@@ -1,13 +1,13 @@
 """MLflow tracking shared by ``train``, ``report`` and ``promote``: one run per pipeline run.
 
 ``train`` creates the run, named after the DVC experiment (``repro-<time>-<commit>`` under
-plain ``dvc repro``), and stores its id in ``models/candidate/metadata.json``; ``report``
-and ``promote`` resume it by id. Each stage *takes* the run while it works
-(:func:`taken`): status RUNNING with an owner tag (host, pid, process start time), then
-FINISHED, FAILED (the stage raised) or KILLED (SIGINT/SIGTERM). A run whose owner died
-without a word (SIGKILL, power loss) is closed as KILLED by the next ``train``
-(:func:`close_abandoned`). Only ``promote`` registers a model version, and only after the
-quality gate; the champion alias moves only to a version that beats the champion.
+plain ``dvc repro``), and stores its id in ``.mlflow-run.json``; ``report`` and ``promote``
+resume it by id. Each stage *takes* the run while it works (:func:`taken`): status RUNNING
+with an owner tag (host, pid, process start time), then FINISHED, FAILED (the stage raised)
+or KILLED (SIGINT/SIGTERM). A run whose owner died without a word (SIGKILL, power loss) is
+closed as KILLED by the next ``train`` (:func:`close_abandoned`). Only ``promote`` registers
+a model version, and only after the quality gate; the champion alias moves only to a
+version that beats the champion.
 
 Where runs go
     ``MLFLOW_TRACKING_URI`` when set; otherwise the SQLite file ``mlflow.db`` at the root of
@@ -17,28 +17,27 @@ Where runs go
     so queued runs do not write them into their temporary copy).
 
 Concurrency (queued experiments run in parallel against one SQLite file)
-    Every call to a SQLite store holds an exclusive ``fcntl`` lock on ``<db>.lock`` (short:
-    one batch of writes, never a whole training), so concurrent processes never race on
-    the schema creation of a fresh database nor on SQLite's writer lock; on top of MLflow's
-    own ``busy_timeout`` (20 s), a call failing with "database is locked" is retried with
-    backoff.
+    Every call to a SQLite store holds an exclusive lock on ``<db>.lock`` (``filelock``;
+    short: one batch of writes, never a whole training), so concurrent processes never race
+    on the schema creation of a fresh database nor on SQLite's writer lock. On top of
+    MLflow's own ``busy_timeout`` (20 s), a call failing with "database is locked" is
+    retried with exponential backoff and jitter (``tenacity``), :data:`ATTEMPTS` times.
 
 When the tracking store is unreachable
     The stage does NOT fail and nothing it computed is lost: the model and every DVC output
     are written as usual. The first failing call logs a loud multi-line WARNING; from then
     on the stage records what it would have logged (params, metrics, tags, artifact paths,
-    the registration request) in ``<cache>/mlflow-pending/<run key>.json``
-    (``<cache>`` is ``PATHS.cache``, ``.cache/`` in the workspace by default), and
-    ``metadata.json`` gets ``"mlflow_run_id": null``. ``python -m imgclf.tracking replay``
-    logs pending records into the store once it is back. Set ``mlflow.required: true`` to
-    make the stage fail instead (after its outputs are saved).
+    the registration request) in ``<pending dir>/<run key>.json`` (:func:`pending_dir`,
+    ``.cache/mlflow-pending/`` in the workspace by default), and the run link gets
+    ``"run_id": null``. ``python -m stages.tracking replay`` (or ``imgclf-tracking
+    replay``) logs pending records into the store once it is back. Set
+    ``mlflow.required: true`` to make the stage fail instead (after its outputs are saved).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -48,24 +47,35 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlparse
 
-from imgclf.config import PATHS, StageError, setup_logging
+import filelock
+import tenacity
+
+from imgclf.config import PATHS, StageError, setup_logging, stage_main
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+OWNER_TAG = "imgclf.owner"
 LOCK_TIMEOUT_S = 300.0
-RETRIES = 6
+ATTEMPTS = 7  # waits 0.2, 0.4, ... 6.4 s (+ up to 0.2 s jitter each): about 13 s in all
 
 # A remote server that is down should not stall a stage for minutes of HTTP retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+# -- where runs go ---------------------------------------------------------------------
 
 
 def tracking_uri(env: dict[str, str] | None = None, workspace: Path | None = None) -> str:
@@ -94,48 +104,75 @@ def artifact_location(uri: str) -> str | None:
     return (db.resolve().parent / ARTIFACTS_DIR).as_uri() if db else None
 
 
+def pending_dir() -> Path:
+    """Where runs that could not reach the store record what they would have logged."""
+    return PATHS.cache / "mlflow-pending"
+
+
+def pending_key(key: str) -> str:
+    """File-name-safe key of a pipeline run (its run name)."""
+    return re.sub(r"[^0-9A-Za-z_.-]", "_", key)
+
+
+# -- store access: one process at a time, lock errors retried --------------------------
+
+
 @contextlib.contextmanager
-def store_lock(uri: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Exclusive inter-process lock for a SQLite store (no-op for other stores)."""
+def store_lock(uri: str, timeout: float | None = None) -> Iterator[None]:
+    """Exclusive inter-process lock on ``<db>.lock`` for a SQLite store (no-op for others).
+
+    Raises TimeoutError naming the lock file when it is not free within ``timeout`` seconds
+    (default :data:`LOCK_TIMEOUT_S`).
+    """
     db = sqlite_path(uri)
     if db is None:
         yield
         return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with Path(f"{db}.lock").open("a") as fh:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"could not lock {db}.lock in {timeout:.0f} s") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
+    lock_file = Path(f"{db}.lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(lock_file, timeout=timeout)
+    try:
+        lock.acquire()
+    except filelock.Timeout as exc:
+        raise TimeoutError(
+            f"MLflow store busy: could not lock {lock_file} within {timeout:g} s "
+            "(another process holds it)"
+        ) from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
-def is_locked_error(exc: BaseException) -> bool:
+def is_database_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's transient "database (table) is locked" error."""
     text = str(exc).lower()
     return "database is locked" in text or "database table is locked" in text
 
 
-def call(uri: str, fn: Callable[[], T], retries: int = RETRIES) -> T:
-    """Run ``fn`` under the store lock, retrying SQLite lock errors with backoff."""
-    for attempt in range(retries + 1):
-        try:
-            with store_lock(uri):
-                return fn()
-        except Exception as exc:
-            if attempt == retries or not is_locked_error(exc):
-                raise
-            wait = 0.2 * 2**attempt
-            log.warning("MLflow store busy (%s); retry %d in %.1f s", exc, attempt + 1, wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
+# The policy of :func:`locked_call`; copied for each call (a Retrying keeps per-call state).
+BUSY_RETRY = tenacity.Retrying(
+    retry=tenacity.retry_if_exception(is_database_locked),
+    stop=tenacity.stop_after_attempt(ATTEMPTS),
+    wait=tenacity.wait_exponential(multiplier=0.2, max=10) + tenacity.wait_random(0, 0.2),
+    before_sleep=tenacity.before_sleep_log(log, logging.INFO),
+    reraise=True,
+)
+
+
+def locked_call(uri: str, fn: Callable[[], T]) -> T:
+    """``fn()`` under :func:`store_lock`; "database is locked" errors are retried with
+    backoff (the lock is released while waiting), any other error is raised at once."""
+
+    def attempt() -> T:
+        with store_lock(uri):
+            return fn()
+
+    return BUSY_RETRY.copy()(attempt)
+
+
+# -- what a run is tagged with -----------------------------------------------------------
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -176,9 +213,6 @@ def run_tags(data_hash: str, root: Path, env: dict[str, str] | None = None) -> d
     return tags
 
 
-OWNER_TAG = "imgclf.owner"
-
-
 def run_name(env: dict[str, str] | None = None, commit: str | None = None) -> str:
     """The DVC experiment's name under ``dvc exp run``, else ``repro-<UTC time>-<commit>``."""
     env = os.environ if env is None else env
@@ -210,6 +244,9 @@ def owner_alive(tag: str) -> bool | None:
         return False
 
 
+# -- run lifecycle across stages -------------------------------------------------------
+
+
 def close_abandoned(uri: str, experiment: str) -> list[str]:
     """End as KILLED the RUNNING runs of ``experiment`` whose owner process on this host is
     gone; returns their ids. Runs of other hosts or tools (no owner tag) are left alone."""
@@ -231,7 +268,7 @@ def close_abandoned(uri: str, experiment: str) -> list[str]:
         return closed
 
     try:
-        closed = call(uri, sweep)
+        closed = locked_call(uri, sweep)
     except Exception as exc:  # tracking trouble is reported by the run itself
         log.debug("could not sweep abandoned runs: %s", exc)
         return []
@@ -267,11 +304,6 @@ def taken(run: Run) -> Iterator[Run]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def pending_key(key: str) -> str:
-    """File-name-safe key of a pipeline run (its run name)."""
-    return re.sub(r"[^0-9A-Za-z_.-]", "_", key)
-
-
 def write_run_link(run: Run, name: str, data_hash: str, commit: str | None) -> None:
     """Tell ``report`` and ``promote`` which run the candidate belongs to (``.mlflow-run.json``,
     outside the DVC outs: run ids differ every run, the outputs must not)."""
@@ -294,8 +326,7 @@ def read_run_link() -> dict[str, Any]:
 def resume(link: dict[str, Any], experiment: str) -> Run:
     """The run ``train`` created for the candidate; an offline run when ``train`` could not
     reach the store either."""
-    uri, key = tracking_uri(), str(link["run_name"])
-    pending = PATHS.cache / "mlflow-pending"
+    uri, key, pending = tracking_uri(), str(link["run_name"]), pending_dir()
     if link.get("run_id") is None and (pending / f"{pending_key(key)}.json").exists():
         return Run.offline(uri, experiment, key, pending, "train could not reach MLflow")
     tags = run_tags(link["data_hash"], PATHS.root)
@@ -306,6 +337,9 @@ def check_required(run: Run, required: bool) -> None:
     """With ``mlflow.required``, a run that did not reach the store fails the stage."""
     if required and not run.ok:
         raise StageError(f"MLflow tracking failed and mlflow.required is set: {run.error}")
+
+
+# -- one run ---------------------------------------------------------------------------
 
 
 class Run:
@@ -323,7 +357,6 @@ class Run:
         self.pending_file = pending_dir / f"{pending_key(key)}.json"
         self.error: str | None = None
 
-    # -- lifecycle -------------------------------------------------------------------
     @classmethod
     def start(
         cls,
@@ -338,7 +371,7 @@ class Run:
         """Resume ``run_id`` or create a new run in ``experiment`` (never raises)."""
         run = cls(uri, experiment, key, pending_dir)
 
-        def create() -> str:
+        def create_or_reopen() -> str:
             client = run.client()
             if run_id:
                 client.update_run(run_id, status="RUNNING")
@@ -352,7 +385,7 @@ class Run:
             return client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
 
         try:
-            run.run_id = call(uri, create)
+            run.run_id = locked_call(uri, create_or_reopen)
             log.info("MLflow run %s in %s (%s)", run.run_id, experiment, uri)
         except Exception as exc:
             run._fail(exc, "start the run")
@@ -368,20 +401,21 @@ class Run:
         log.warning("MLflow: %s; recording into %s", why, run.pending_file)
         return run
 
-    def client(self):  # MlflowClient; imported lazily (mlflow is slow to import)
+    def client(self) -> MlflowClient:
+        """A client of this run's store (mlflow is imported lazily: it is slow to import)."""
         from mlflow import MlflowClient
 
         return MlflowClient(tracking_uri=self.uri)
 
     def end(self, status: str = "FINISHED") -> None:
-        self._do("end the run", lambda c: c.set_terminated(self.run_id, status=status))
+        """Terminate the run with ``status`` (FINISHED, FAILED or KILLED)."""
+        self._attempt("end the run", lambda c: c.set_terminated(self.run_id, status=status))
         self._record("status", status)
 
-    # -- logging ---------------------------------------------------------------------
     def log_params(self, params: dict[str, str]) -> None:
         """Log params; a key already logged with another value is kept (warning)."""
 
-        def do(client) -> None:
+        def log_new(client: MlflowClient) -> None:
             from mlflow.entities import Param
 
             have = client.get_run(self.run_id).data.params
@@ -393,34 +427,39 @@ class Run:
             for i in range(0, len(items), 100):
                 client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
 
-        self._do("log params", do)
+        self._attempt("log params", log_new)
         self._record("params", params)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Log metrics at ``step`` (None values are skipped)."""
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
 
-        def do(client) -> None:
+        def log_batch(client: MlflowClient) -> None:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            client.log_batch(
-                self.run_id, metrics=[Metric(k, v, now, step) for k, v in clean.items()]
-            )
+            batch = [Metric(k, v, now, step) for k, v in clean.items()]
+            client.log_batch(self.run_id, metrics=batch)
 
-        self._do("log metrics", do)
+        self._attempt("log metrics", log_batch)
         self._record("metrics", [{"key": k, "value": v, "step": step} for k, v in clean.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        def do(client) -> None:
+        """Set run tags (values as strings)."""
+
+        def log_batch(client: MlflowClient) -> None:
             from mlflow.entities import RunTag
 
             client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-        self._do("set tags", do)
+        self._attempt("set tags", log_batch)
         self._record("tags", tags)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._do("log artifact", lambda c: c.log_artifact(self.run_id, str(path), artifact_path))
+        """Upload the file or folder ``path`` under ``artifact_path``."""
+        self._attempt(
+            "log artifact", lambda c: c.log_artifact(self.run_id, str(path), artifact_path)
+        )
         self._record("artifacts", [[str(Path(path).resolve()), artifact_path]])
 
     def register_bundle(
@@ -429,9 +468,9 @@ class Run:
         """Log ``bundle`` under ``bundle/``, register it as a new version of ``name`` and give
         it ``alias`` when ``value`` beats the current holder's ``test_<metric>`` (higher is
         better; a holder without that metric is beaten). Returns ``{"version", "alias",
-        "champion_value"}``, or None offline."""
+        "champion_value", "champion_version"}``, or None offline."""
 
-        def do(client) -> dict[str, Any]:
+        def register(client: MlflowClient) -> dict[str, Any]:
             from mlflow.exceptions import MlflowException
 
             client.log_artifact(self.run_id, str(bundle), "bundle")
@@ -461,16 +500,18 @@ class Run:
                 "champion_version": str(version) if crowned else str(holder.version),
             }
 
-        result = self._do("register the bundle", do)
+        result = self._attempt("register the bundle", register)
         self._record("register", name)
         return result
 
-    # -- failure handling ------------------------------------------------------------
-    def _do(self, what: str, fn: Callable[[Any], T]) -> T | None:
+    # -- failure handling --------------------------------------------------------------
+
+    def _attempt(self, what: str, fn: Callable[[MlflowClient], T]) -> T | None:
+        """``fn(client)`` against the store while it answers; None (and offline) after."""
         if not self.ok or self.run_id is None:
             return None
         try:
-            return call(self.uri, lambda: fn(self.client()))
+            return locked_call(self.uri, lambda: fn(self.client()))
         except Exception as exc:
             self._fail(exc, what)
             return None
@@ -483,7 +524,7 @@ class Run:
             "\n%s\nMLFLOW TRACKING FAILED (%s)\n  %s\n"
             "  The stage goes on: the model and all DVC outputs are still written.\n"
             "  What would have been logged is recorded in %s;\n"
-            "  replay it with `python -m imgclf.tracking replay` when the store is back.\n%s",
+            "  replay it with `python -m stages.tracking replay` when the store is back.\n%s",
             bar,
             self.uri,
             self.error,
@@ -514,47 +555,118 @@ class Run:
         self.pending_file.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
+# -- pending records: replay -----------------------------------------------------------
+
+
+class ReplayError(StageError):
+    """A pending record could not be read or logged (one line: what and which file)."""
+
+
+@dataclass(frozen=True)
+class PendingRecord:
+    """What an offline run recorded, checked before anything is logged."""
+
+    experiment: str
+    run_id: str | None
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: list[tuple[int, dict[str, float]]]  # (step, {key: value}) in logging order
+    artifacts: list[tuple[str, str | None]]
+    status: str
+
+    @classmethod
+    def read(cls, path: Path) -> PendingRecord:
+        """Parse ``path``; :class:`ReplayError` when it is not a pending record."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            metrics: list[tuple[int, dict[str, float]]] = []
+            for m in data.get("metrics", []):
+                step, key, value = int(m["step"]), str(m["key"]), float(m["value"])
+                if not metrics or metrics[-1][0] != step or key in metrics[-1][1]:
+                    metrics.append((step, {}))
+                metrics[-1][1][key] = value
+            return cls(
+                experiment=str(data["experiment"]),
+                run_id=data.get("run_id"),
+                params={str(k): str(v) for k, v in data.get("params", {}).items()},
+                tags={str(k): str(v) for k, v in data.get("tags", {}).items()},
+                metrics=metrics,
+                artifacts=[(str(p), a) for p, a in data.get("artifacts", [])],
+                status=str(data.get("status", "FINISHED")),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            raise ReplayError(f"{path} is not a readable pending record ({why})") from exc
+
+
 def replay(pending_file: Path, uri: str) -> str:
-    """Log one pending record into the store at ``uri``; returns the run id.
+    """Log one pending record into the store at ``uri``, rename it to ``.replayed`` and
+    return the run id; :class:`ReplayError` when the record is unreadable or the store
+    still fails (the record is then kept).
 
     Params, metrics (with steps), tags and artifacts that still exist are logged; a model
     registration is not replayed (register it from the run once checked).
     """
-    data = json.loads(pending_file.read_text(encoding="utf-8"))
+    record = PendingRecord.read(pending_file)
     run = Run.start(
-        uri,
-        data["experiment"],
-        pending_file.stem,
-        pending_file.parent,
-        run_id=data.get("run_id"),
-        tags={**data.get("tags", {}), "replayed_from": pending_file.name},
+        uri, record.experiment, pending_file.stem, pending_file.parent, run_id=record.run_id
     )
     if not run.ok:
-        raise RuntimeError(f"store still unreachable: {run.error}")
-    run.log_params(data.get("params", {}))
-    for m in data.get("metrics", []):
-        run.log_metrics({m["key"]: m["value"]}, step=int(m["step"]))
-    for path, artifact_path in data.get("artifacts", []):
+        raise ReplayError(f"MLflow store {uri} still unreachable: {_first_line(run.error)}")
+    run.set_tags({**record.tags, "replayed_from": pending_file.name})
+    run.log_params(record.params)
+    for step, metrics in record.metrics:
+        run.log_metrics(metrics, step=step)
+    for path, artifact_path in record.artifacts:
         if Path(path).exists():
             run.log_artifact(Path(path), artifact_path)
-    run.end(data.get("status", "FINISHED"))
+    run.end(record.status)
     if not run.ok:
-        raise RuntimeError(f"replay failed: {run.error}")
+        raise ReplayError(f"replaying {pending_file} failed: {_first_line(run.error)}")
     pending_file.rename(pending_file.with_suffix(".replayed"))
     return str(run.run_id)
 
 
+def _check_reachable(uri: str) -> None:
+    """:class:`ReplayError` unless the store at ``uri`` answers (a fresh SQLite file is
+    created), so that a replay against a store still down changes no pending record."""
+    from mlflow import MlflowClient
+
+    try:
+        locked_call(uri, lambda: MlflowClient(tracking_uri=uri).search_experiments(max_results=1))
+    except Exception as exc:
+        why = _first_line(f"{type(exc).__name__}: {exc}")
+        raise ReplayError(f"MLflow store {uri} still unreachable: {why}") from exc
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().split("\n", 1)[0]
+
+
+@stage_main
 def main(argv: list[str] | None = None) -> None:
-    """``python -m imgclf.tracking replay``: log pending records of offline runs."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """``imgclf-tracking replay [--dir DIR]``: log the pending records of offline runs into
+    the tracking store (:func:`tracking_uri`)."""
+    parser = argparse.ArgumentParser(
+        description="Log the pending records of offline MLflow runs into the tracking store."
+    )
     parser.add_argument("command", choices=["replay"])
-    parser.add_argument("--dir", type=Path, default=PATHS.cache / "mlflow-pending")
+    parser.add_argument(
+        "--dir", type=Path, default=pending_dir(), help="pending records (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     setup_logging()
+    if not args.dir.is_dir():
+        raise ReplayError(f"{args.dir} not found: no run has recorded anything offline")
+    files = sorted(args.dir.glob("*.json"))
+    if not files:
+        print(f"nothing to replay in {args.dir}")
+        return
     uri = tracking_uri()
-    for path in sorted(args.dir.glob("*.json")):
-        log.info("replayed %s as run %s", path.name, replay(path, uri))
+    _check_reachable(uri)
+    for path in files:
+        print(f"{path.name}: logged as run {replay(path, uri)} in {uri}")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from imgclf.config import PATHS, setup_logging
+from imgclf.files import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +85,14 @@ def write_sample(raw: Path, per_digit: int | None = None) -> int:
     written = 0
     for rel, blob in expected.items():
         target = raw / rel
-        if target.is_file():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(blob)
-        written += 1
+        if not target.is_file():
+            write_bytes(target, blob)
+            written += 1
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 written (or user data kept with ``--unless-user-data``), 2 refused."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", type=Path, default=PATHS.raw, help="target folder")
     parser.add_argument("--per-digit", type=int, default=None, help="at most N images a digit")

@@ -2,9 +2,8 @@
 
 An image's side depends only on the SHA-256 of its *raw* content (from
 ``data/manifest.csv``) and the split seed (``split.seed``, else ``base.seed``), never on how
-it was preprocessed, so experiments
-on ``preprocess`` params are scored on the same test images:
-``u = H(seed, "test", sha)`` uniform in [0, 1) puts it in test when ``u < test_size``;
+it was preprocessed, so experiments on ``preprocess`` params are scored on the same test
+images: ``u = H(seed, "test", sha)`` uniform in [0, 1) puts it in test when ``u < test_size``;
 otherwise ``H(seed, "val", sha) < val_size`` carves it into val (the fraction of train
 held out for early stopping and for choosing the operating threshold). So:
 
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import sys
 from collections import Counter
@@ -31,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf.config import PATHS, StageError, load_params, setup_logging, stage_main
+from imgclf.files import write_csv, write_json
 from imgclf.params import min_images_per_class
 
 log = logging.getLogger(__name__)
@@ -63,6 +62,7 @@ def side_of(sha: str, seed: int, test_size: float, val_size: float) -> str:
 
 
 def check_fractions(test_size: float, val_size: float) -> None:
+    """Raise ValueError unless ``test_size`` is in (0, 1) and ``val_size`` in [0, 1)."""
     if not 0.0 < test_size < 1.0:
         raise ValueError(f"split.test_size must be between 0 and 1 (exclusive), got {test_size}")
     if not 0.0 <= val_size < 1.0:
@@ -116,14 +116,6 @@ def read_manifest(manifest: Path, processed_prefix: str) -> list[Item]:
         ]
 
 
-def write_list(items: list[Item], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(LIST_FIELDS)
-        writer.writerows((i.path, i.label, i.sha256) for i in items)
-
-
 def format_counts(counts: dict[str, dict[str, int]]) -> str:
     """A small table of per-class counts for each side."""
     labels = list(counts["train"])
@@ -150,9 +142,8 @@ def main() -> None:
     )  # fmt: skip
     check_counts(counts, cfg.test_size, cfg.val_size)
     for side, items in sides.items():
-        write_list(items, PATHS.split_list(side))
-    PATHS.metrics.mkdir(parents=True, exist_ok=True)
-    (PATHS.metrics / "split.json").write_text(json.dumps(counts, indent=2) + "\n")
+        write_csv(PATHS.split_list(side), LIST_FIELDS, ((i.path, i.label, i.sha256) for i in items))
+    write_json(PATHS.metrics / "split.json", counts)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,46 @@
-"""Small image files of every awkward kind, made with Pillow (for tests and benchmarks)."""
+"""Small image files of every awkward kind, made with Pillow, and the decode settings to
+read them (for tests and benchmarks)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from imgclf.imaging import DecodeOptions
+from imgclf.params import load_params
+from imgclf.testing.project import SOURCE
 
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+
+@functools.cache
+def _project_options() -> DecodeOptions:
+    return DecodeOptions.from_params(load_params(SOURCE / "params.yaml").preprocess)
+
+
+def preprocess_options(**changes: Any) -> DecodeOptions:
+    """The project's ``preprocess`` params (``params.yaml``) as DecodeOptions, with
+    ``changes`` (say ``size=16``) applied: tests never restate a default."""
+    return dataclasses.replace(_project_options(), **changes)
+
+
+def encode(img: Image.Image, fmt: str, **kwargs: Any) -> bytes:
+    """``img`` saved as ``fmt`` with Pillow's save options ``kwargs``."""
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kwargs)
     return buf.getvalue()
 
 
-def solid(color: tuple[int, ...], size: tuple[int, int] = (40, 30), mode: str = "RGB"):
+def solid(
+    color: tuple[int, ...], size: tuple[int, int] = (40, 30), mode: str = "RGB"
+) -> Image.Image:
+    """An image of one colour."""
     return Image.new(mode, size, color)
 
 
@@ -28,10 +51,12 @@ def pattern(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
 
 
 def jpeg(seed: int = 0, size: tuple[int, int] = (40, 30)) -> bytes:
+    """A random-pattern JPEG (quality 90)."""
     return encode(pattern(seed, size), "JPEG", quality=90)
 
 
 def png(seed: int = 0, size: tuple[int, int] = (40, 30)) -> bytes:
+    """A random-pattern PNG."""
     return encode(pattern(seed, size), "PNG")
 
 
@@ -45,42 +70,51 @@ def exif_rotated_jpeg() -> bytes:
 
 
 def cmyk_jpeg() -> bytes:
+    """A red CMYK JPEG."""
     return encode(Image.new("CMYK", (30, 30), (0, 255, 255, 0)), "JPEG", quality=95)  # red
 
 
 def png_16bit(value: int) -> bytes:
+    """A 16-bit greyscale PNG, every pixel ``value``."""
     arr = np.full((20, 20), value, dtype=np.uint16)
     return encode(Image.fromarray(arr), "PNG")
 
 
 def palette_png_transparent() -> bytes:
+    """A palette PNG whose only colour (green) is fully transparent."""
     img = Image.new("P", (20, 20), 0)
     img.putpalette([0, 255, 0] + [0, 0, 0] * 255)  # index 0 green
     return encode(img, "PNG", transparency=0)  # ... but fully transparent
 
 
 def rgba_png(alpha: int) -> bytes:
+    """A red RGBA PNG with opacity ``alpha``."""
     return encode(Image.new("RGBA", (20, 20), (255, 0, 0, alpha)), "PNG")
 
 
 def la_png(alpha: int) -> bytes:
+    """A black greyscale-with-alpha PNG with opacity ``alpha``."""
     return encode(Image.new("LA", (20, 20), (0, alpha)), "PNG")
 
 
 def animated_gif() -> bytes:
+    """A two-frame GIF: red, then blue."""
     frames = [Image.new("RGB", (20, 20), c).convert("P") for c in [(255, 0, 0), (0, 0, 255)]]
     return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
 
 
 def webp() -> bytes:
+    """A blue lossless WebP."""
     return encode(Image.new("RGB", (20, 20), (0, 0, 255)), "WEBP", lossless=True)
 
 
 def bmp() -> bytes:
+    """A green BMP."""
     return encode(Image.new("RGB", (20, 20), (0, 255, 0)), "BMP")
 
 
 def truncated_jpeg() -> bytes:
+    """The first half of a JPEG."""
     data = jpeg(7, (200, 150))
     return data[: len(data) // 2]
 
@@ -107,6 +141,7 @@ CRASHING_GIF = (
 
 
 def write(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` (parent folders created); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path

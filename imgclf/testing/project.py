@@ -87,6 +87,24 @@ def copy_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
     return dest
 
 
+def set_params(repo: Path, values: dict[str, Any]) -> None:
+    """Change ``repo``'s ``params.yaml`` by dotted key: ``{"split.test_size": 0.5}``.
+
+    Every key must already be in the file (a typo raises KeyError naming it).
+    """
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for key, value in values.items():
+        *parents, name = key.split(".")
+        section = params
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or name not in section:
+            raise KeyError(f"{key} is not in {path}")
+        section[name] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
 def init_repo(dest: Path) -> Path:
     """``git init`` + ``dvc init`` in ``dest`` (DVC stages what it tracks itself)."""
     run(dest, "git", "init", "-q", "-b", "main")

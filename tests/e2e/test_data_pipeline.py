@@ -8,22 +8,14 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
-from imgclf.testing.project import commit, dvc, make_repo, ran
+from imgclf.testing.project import commit, dvc, make_repo, ran, set_params
 
 
 def rows(path: Path) -> list[dict[str, str]]:
     with path.open(encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
-
-
-def set_param(repo: Path, key: str, value) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    section, name = key.split(".")
-    params[section][name] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +33,20 @@ def test_first_run_outputs_and_up_to_date(repo: Path):
     total = sum(len(rows(repo / "data" / "split" / f"{s}.csv")) for s in ("train", "val", "test"))
     assert total == 60
     counts = json.loads((repo / "metrics" / "split.json").read_text())
-    assert set(counts) == {"train", "val", "test"} and set(counts["train"]) == {"safe", "sensitive"}
+    assert list(counts) == ["train", "val", "test"]
+    assert all(list(by_class) == ["safe", "sensitive"] for by_class in counts.values())
+    per_class = {c: sum(counts[side][c] for side in counts) for c in ("safe", "sensitive")}
+    assert per_class == {"safe": 42, "sensitive": 18}  # 6 images of each digit: 0-6, 7-9
     status = dvc(repo, "status", "preprocess", "split").stdout
     assert "up to date" in status.lower(), status
 
 
 def test_test_size_change_reruns_split_only(repo: Path):
-    set_param(repo, "split.test_size", 0.5)
+    set_params(repo, {"split.test_size": 0.5})
     out = dvc(repo, "repro", "split").stdout
     assert ran(out) == {"split"}, out
     assert "Stage 'preprocess' didn't change" in out
-    set_param(repo, "split.test_size", 0.3)
+    set_params(repo, {"split.test_size": 0.3})
     dvc(repo, "repro", "split")
     commit(repo, "back to 0.3")
 
@@ -62,7 +57,7 @@ def test_moving_a_subclass_relabels_and_decodes_nothing_again(repo: Path):
     try:
         proc = dvc(repo, "repro", "split")
         assert ran(proc.stdout) == {"preprocess", "split"}
-        assert "0 decoded" in proc.stderr + proc.stdout, proc.stderr
+        assert "60 file(s), 0 decoded" in proc.stderr + proc.stdout, proc.stderr
         moved = [r for r in rows(repo / "data" / "manifest.csv") if r["subclass"] == "digit_7"]
         assert len(moved) == 6 and {r["class"] for r in moved} == {"safe"}
         assert all(r["output_path"].startswith("data/processed/safe/digit_7__") for r in moved)
@@ -86,7 +81,7 @@ def test_preprocess_params_rerun_preprocess_but_never_move_the_split(repo: Path)
     processed = sorted((repo / "data" / "processed").rglob("*.jpg"))[0]
     old_bytes = processed.read_bytes()
     for key, value in (("preprocess.jpeg_quality", 70), ("preprocess.size", 24)):
-        set_param(repo, key, value)
+        set_params(repo, {key: value})
         out = dvc(repo, "repro", "split").stdout
         assert ran(out) == {"preprocess"}, out
         assert "Stage 'split' didn't change" in out
@@ -95,10 +90,7 @@ def test_preprocess_params_rerun_preprocess_but_never_move_the_split(repo: Path)
         side: (repo / "data" / "split" / f"{side}.csv").read_bytes() for side in ("train", "test")
     }
     assert after == before
-    (repo / "params.yaml").write_text(
-        (repo / "params.yaml").read_text().replace("jpeg_quality: 70", "jpeg_quality: 95")
-    )
-    set_param(repo, "preprocess.size", 32)
+    set_params(repo, {"preprocess.jpeg_quality": 95, "preprocess.size": 32})
     dvc(repo, "repro", "split")
 
 
@@ -127,7 +119,7 @@ def test_a_class_with_one_image_fails_at_split_naming_it(repo: Path):
 
 def test_a_positive_class_that_is_no_class_fails_before_any_work(repo: Path):
     text = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(text.replace("positive_class: null", "positive_class: nsfw"))
+    set_params(repo, {"report.positive_class": "nsfw"})
     try:
         proc = dvc(repo, "repro", "-f", "preprocess", check=False)
         assert proc.returncode != 0

@@ -3,7 +3,6 @@ and served by a real server process."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -19,19 +18,14 @@ import pytest
 import yaml
 
 from imgclf import tracking
-from imgclf.testing.project import commit, dvc, env, make_repo, ran, run
+from imgclf.files import file_md5
+from imgclf.testing.project import commit, dvc, env, make_repo, ran, run, set_params
 
 # -- the whole pipeline in a temporary git + DVC repo ----------------------------------------
 # The classes are renamed (no `sensitive`): the operating point must find its class itself.
 
 FAST = {"epochs": 3, "patience": 2, "cnn_filters": [8, 16], "cnn_dense": 16, "batch_size": 16}
 STAGES = {"preprocess", "split", "train", "report", "promote"}
-
-
-def set_params(repo: Path, section: str, values: dict) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def mlflow_runs(repo: Path):
@@ -43,7 +37,7 @@ def mlflow_runs(repo: Path):
 
 
 def bundle_md5(repo: Path) -> str:
-    return hashlib.md5((repo / "models" / "bundle.zip").read_bytes()).hexdigest()
+    return file_md5(repo / "models" / "bundle.zip")
 
 
 def bundle_info(repo: Path) -> dict:
@@ -66,8 +60,8 @@ def repo(tmp_path_factory) -> Path:
     (raw / "safe").rename(raw / "dogs")  # digits 0-6: the common class
     (raw / "sensitive").rename(raw / "cats")  # digits 7-9: the rarer one
     dvc(repo, "add", "-q", "data/raw")
-    set_params(repo, "train", FAST)
-    set_params(repo, "promote", {"min_value": 0.0})
+    set_params(repo, {f"train.{key}": value for key, value in FAST.items()})
+    set_params(repo, {"promote.min_value": 0.0})
     commit(repo, "fast params, own class names")
     proc = dvc(repo, "repro")
     assert ran(proc.stdout) == STAGES, proc.stdout
@@ -138,7 +132,7 @@ def test_a_typo_or_bad_value_fails_fast_naming_the_key_and_creates_no_run(repo: 
     line = "error: params.yaml: train.epochs: input should be a valid integer, got 'abc'"
     assert line in proc.stderr.splitlines(), proc.stderr
     assert "Traceback" not in proc.stderr
-    set_params(repo, "train", {"epochs": 3})
+    set_params(repo, {"train.epochs": 3})
     (repo / "params.yaml").write_text(
         (repo / "params.yaml").read_text().replace("  epochs: 3\n", "  epocs: 3\n")
     )
@@ -180,8 +174,7 @@ def server(repo: Path, tmp_path):
 
 def test_a_gated_out_model_is_never_served_nor_registered(repo: Path, server):
     old_md5 = bundle_md5(repo)
-    set_params(repo, "train", {"epochs": 1})
-    set_params(repo, "promote", {"min_value": 1.0})
+    set_params(repo, {"train.epochs": 1, "promote.min_value": 1.0})
     stop, seen = threading.Event(), []
     watcher = threading.Thread(target=watch_server, args=(server, stop, seen))
     watcher.start()
@@ -258,7 +251,7 @@ def test_an_exp_run_is_served_only_once_promoted_with_its_own_threshold(repo: Pa
 
 def start_train(repo: Path) -> tuple[subprocess.Popen, str]:
     """``python -m imgclf.pipeline.train`` with many epochs; returns it once its run is RUNNING."""
-    set_params(repo, "train", {"epochs": 200, "patience": 200})
+    set_params(repo, {"train.epochs": 200, "train.patience": 200})
     _, before = mlflow_runs(repo)
     known = {r.info.run_id for r in before}
     proc = subprocess.Popen(

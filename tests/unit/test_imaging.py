@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,7 +20,7 @@ from imgclf.imaging import (
 )
 from imgclf.testing import images as f
 
-OPTS = DecodeOptions(size=16, mode="pad", background=(255, 255, 255))
+OPTS = f.preprocess_options(size=16, mode="pad", background=(255, 255, 255))
 
 
 def center(arr: np.ndarray) -> tuple[int, ...]:
@@ -31,7 +33,7 @@ def close(a, b, tol=12) -> bool:
 
 
 def test_exif_orientation_is_applied():
-    img = load_rgb(f.exif_rotated_jpeg(), DecodeOptions(size=64))
+    img = load_rgb(f.exif_rotated_jpeg(), replace(OPTS, size=64))
     assert img.size == (20, 40)  # landscape stored, portrait shown
     arr = np.asarray(img)
     assert close(arr[5, 10], (255, 0, 0)) and close(arr[35, 10], (0, 0, 255))
@@ -75,7 +77,7 @@ def test_modes_and_formats_become_rgb(data, expected):
 
 
 def test_alpha_uses_configured_background():
-    arr = decode_array(f.rgba_png(0), DecodeOptions(size=16, background=(10, 20, 30)))
+    arr = decode_array(f.rgba_png(0), replace(OPTS, background=(10, 20, 30)))
     assert center(arr) == (10, 20, 30)
 
 
@@ -98,38 +100,48 @@ def test_unusable_input_raises_with_reason(data, reason):
 
 def test_pixel_limit_is_a_parameter():
     data = f.png(1, (200, 100))
-    assert load_rgb(data, DecodeOptions(size=16, max_pixels=20_000)).size == (200, 100)
+    assert load_rgb(data, replace(OPTS, max_pixels=20_000)).size == (200, 100)
     with pytest.raises(InvalidImage, match="too many pixels"):
-        load_rgb(data, DecodeOptions(size=16, max_pixels=19_999))
+        load_rgb(data, replace(OPTS, max_pixels=19_999))
 
 
 def test_format_allow_list():
     with pytest.raises(InvalidImage, match="format BMP is not allowed"):
-        load_rgb(f.bmp(), DecodeOptions(size=16, formats=("JPEG", "PNG")))
+        load_rgb(f.bmp(), replace(OPTS, formats=("JPEG", "PNG")))
 
 
 def test_large_jpeg_is_draft_decoded_but_never_below_target():
     data = f.encode(f.pattern(3, (1600, 1200)), "JPEG", quality=80)
-    img = load_rgb(data, DecodeOptions(size=200))
+    img = load_rgb(data, replace(OPTS, size=200))
     assert img.size == (400, 300)  # 1/4 scale in the DCT domain: >= 200 on both sides
-    assert min(load_rgb(data, DecodeOptions(size=500)).size) >= 500
+    assert load_rgb(data, replace(OPTS, size=500)).size == (800, 600)  # 1/2: 1/4 is < 500
 
 
 @pytest.mark.parametrize(("mode", "corner"), [("pad", (255, 255, 255)), ("crop", (0, 0, 0))])
 def test_fit_square_pad_keeps_everything_crop_fills(mode, corner):
     img = Image.new("RGB", (40, 20), (0, 0, 0))
-    out = np.asarray(fit_square(img, DecodeOptions(size=20, mode=mode)))
+    out = np.asarray(fit_square(img, replace(OPTS, size=20, mode=mode)))
     assert out.shape == (20, 20, 3)
     assert tuple(int(v) for v in out[0, 0]) == corner
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"mode": "stretch"}, {"size": 2}, {"background": (1, 2)}, {"max_pixels": 0}],
+    ("change", "message"),
+    [
+        ({"mode": "stretch"}, "mode must be 'pad' or 'crop', got 'stretch'"),
+        ({"size": 2}, "size must be between 8 and 4096 pixels, got 2"),
+        ({"background": (1, 2)}, r"background must be three values 0-255, got \(1, 2\)"),
+        ({"max_pixels": 0}, "max_pixels must be positive"),
+    ],
 )
-def test_bad_options_are_refused(kwargs):
-    with pytest.raises(ValueError):
-        DecodeOptions(**kwargs)
+def test_bad_options_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        replace(OPTS, **change)
+
+
+def test_options_survive_the_bundle_round_trip():
+    options = replace(OPTS, mode="crop", background=(1, 2, 3), formats=("PNG",), jpeg_quality=7)
+    assert DecodeOptions.from_dict(options.to_dict()) == options
 
 
 @pytest.mark.parametrize("mode", ["pad", "crop"])
@@ -138,7 +150,7 @@ def test_box_reduction_of_large_images_matches_a_direct_resize(mode):
 
     big = f.pattern(5, (64, 48)).resize((1600, 1200), Image.Resampling.BICUBIC)
     big = big.filter(ImageFilter.GaussianBlur(2))
-    opts = DecodeOptions(size=100, mode=mode)
+    opts = replace(OPTS, size=100, mode=mode)
     ours = np.asarray(fit_square(big, opts), dtype=np.float64)
     if mode == "crop":
         direct = ImageOps.fit(big, (100, 100), method=Image.Resampling.BICUBIC)
@@ -165,9 +177,7 @@ def test_fit_square_content_is_the_picture_without_padding(size, content_size):
 
 
 def test_fit_square_content_in_crop_mode_is_the_whole_fitted_image():
-    fitted, content = fit_square_content(
-        f.pattern(2, (40, 30)), DecodeOptions(size=16, mode="crop")
-    )
+    fitted, content = fit_square_content(f.pattern(2, (40, 30)), replace(OPTS, mode="crop"))
     assert fitted.size == (16, 16) and content is fitted
 
 

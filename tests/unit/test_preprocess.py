@@ -11,29 +11,29 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from imgclf.capture import CapturedOutput, short_messages
-from imgclf.imaging import DEFAULT_FORMATS, DecodeOptions
+from imgclf.imaging import DecodeOptions
 from imgclf.pipeline.preprocess import (
     MANIFEST_FIELDS,
     Outcome,
     RawFile,
-    decide,
-    flat_names,
+    decide_outcomes,
     label_conflicts,
+    output_names,
     preprocess,
     problem_summary,
     reason_kind,
-    remove_stale_temp_files,
-    temp_owner,
 )
+from imgclf.pipeline.preprocess_outputs import remove_stale_temp_files, temp_owner
 from imgclf.testing import images as f
 
-OPTS = DecodeOptions(size=16)
+OPTS = f.preprocess_options(size=16, jpeg_quality=90)
 
 
 def run(
@@ -49,7 +49,6 @@ def run(
         manifest=tmp / "data" / "manifest.csv",
         cache_dir=tmp / ".cache",
         options=options,
-        quality=90,
         workers=workers,
         root=tmp,
         decode_timeout=decode_timeout,
@@ -150,8 +149,8 @@ def test_outcomes_and_reasons(messy: Path):
     ]:
         assert row(rel)["status"] == "processed", rel
     assert row("safe/animals/nested/deeper/x.png")["subclass"] == "animals"
-    assert row("safe/animals/nested/deeper/x.png")["output_path"].endswith(
-        "safe/animals__nested__deeper__x.jpg"
+    assert row("safe/animals/nested/deeper/x.png")["output_path"] == (
+        "data/processed/safe/animals__nested__deeper__x.jpg"
     )
     assert row("safe/loose.png")["subclass"] == ""
     assert row("safe/loose.png")["output_path"] == "data/processed/safe/loose.jpg"
@@ -176,7 +175,7 @@ def test_outcomes_and_reasons(messy: Path):
     assert row("safe/flowers/bomb.png")["output_path"] == "data/invalid/safe/flowers__bomb.png"
 
 
-def test_flat_names_never_collide():
+def test_output_names_never_collide():
     files = [
         RawFile("safe/a__b/x.png", "safe", "a__b"),
         RawFile("safe/a/b__x.png", "safe", "a"),
@@ -186,11 +185,12 @@ def test_flat_names_never_collide():
         RawFile("safe/a/z.png", "safe", "a"),  # differ only by case
         RawFile("other/a/y.png", "other", "a"),  # other class folder: no clash
     ]
-    names = flat_names(files, ".jpg")
+    names = output_names(files, ".jpg")
     per_class = [(f.label, names[f.rel].casefold()) for f in files]
     assert len(set(per_class)) == len(files)
     assert names["other/a/y.png"] == "a__y.jpg"
-    assert names["safe/a__b/x.png"].startswith("a__b__x-")
+    tag = hashlib.sha1(b"safe/a__b/x.png").hexdigest()[:8]  # a hash of the raw path
+    assert names["safe/a__b/x.png"] == f"a__b__x-{tag}.jpg"
 
 
 def test_label_conflict_is_only_across_classes():
@@ -205,9 +205,9 @@ def test_label_conflict_is_only_across_classes():
     assert "b/s/3.png" in conflicts["a/s/1.png"]
 
 
-def test_decide_keeps_decode_error_over_conflict():
+def test_decide_outcomes_keeps_decode_error_over_conflict():
     files = [RawFile("a/s/1.png", "a", "s"), RawFile("b/s/1.png", "b", "s")]
-    out = decide(files, {"a/s/1.png": "h", "b/s/1.png": "h"}, {"a/s/1.png": "empty file"})
+    out = decide_outcomes(files, {"a/s/1.png": "h", "b/s/1.png": "h"}, {"a/s/1.png": "empty file"})
     assert [(o.status, o.reason) for o in out] == [("invalid", "empty file"), ("processed", "")]
 
 
@@ -273,7 +273,7 @@ def test_moved_subclass_is_relabelled_without_decoding(tmp_path: Path):
 def test_changed_settings_reprocess(tmp_path: Path):
     f.write(tmp_path / "data" / "raw" / "a" / "s" / "x.png", f.png(1))
     run(tmp_path)
-    _, stats = run(tmp_path, options=DecodeOptions(size=24))
+    _, stats = run(tmp_path, options=replace(OPTS, size=24))
     assert stats.decoded == 1
     with Image.open(tmp_path / "data" / "processed" / "a" / "s__x.jpg") as img:
         assert img.size == (24, 24)
@@ -306,7 +306,6 @@ def test_outputs_inside_raw_are_refused(tmp_path: Path):
             tmp_path / "m.csv",
             tmp_path / ".c",
             OPTS,
-            90,
             1,
             tmp_path,
         )
@@ -456,7 +455,7 @@ def test_libtiff_really_writes_to_fd_2(capfd):
 
 def test_decoder_output_captures_fd_2_and_warnings_even_on_error(capfd):
     said = CapturedOutput()
-    with pytest.raises(RuntimeError), said:
+    with pytest.raises(RuntimeError, match="stop"), said:
         os.write(2, b"libfoo: bad thing\n  second   line\n")
         warnings.warn("careful", UserWarning, stacklevel=1)
         raise RuntimeError("stop")
@@ -484,7 +483,7 @@ def test_decoder_messages_go_to_the_reason_or_the_debug_log_not_stderr(
     f.write(raw / "a" / "s" / "fax.tif", damaged_tiff("group4"))
     f.write(raw / "a" / "s" / "fine.png", f.png(1))
     capfd.readouterr()
-    with caplog.at_level(logging.DEBUG, logger="imgclf.pipeline.preprocess"):
+    with caplog.at_level(logging.DEBUG, logger="imgclf.pipeline.preprocess_workers"):
         run(tmp_path, workers=workers, decode_timeout=decode_timeout)
     assert capfd.readouterr().err == ""
     rows = manifest(tmp_path)
@@ -523,6 +522,7 @@ def dead_pid() -> int:
     ("name", "pid"),
     [
         ("ab12.jpg.4242.tmp", 4242),
+        (".s__x.jpg.99.tmp", 99),  # imgclf.files.replacing's name
         ("ab12.blank.jpg.7.tmp", 7),
         ("s__x.jpg.123.tmp", 123),
         ("notes.tmp", None),
@@ -556,10 +556,10 @@ def test_run_removes_temp_files_of_dead_processes_only(tmp_path: Path):
     (settings,) = [d for d in (tmp_path / ".cache" / "preprocess").iterdir() if d.is_dir()]
     dead, live = dead_pid(), os.getpid()
     sha = "ab" + "0" * 62
-    stale_cache = f.write(settings / "ab" / f"{sha}.jpg.{dead}.tmp", b"half a jpeg")
-    live_cache = f.write(settings / "ab" / f"{sha}.err.{live}.tmp", b"being written")
-    stale_out = f.write(tmp_path / "data" / "processed" / "a" / f"s__0.jpg.{dead}.tmp", b"x")
-    stale_inv = f.write(tmp_path / "data" / "invalid" / "a" / f"gone.png.{dead}.tmp", b"x")
+    stale_cache = f.write(settings / "ab" / f".{sha}.jpg.{dead}.tmp", b"half a jpeg")
+    live_cache = f.write(settings / "ab" / f".{sha}.err.{live}.tmp", b"being written")
+    stale_out = f.write(tmp_path / "data" / "processed" / "a" / f".s__0.jpg.{dead}.tmp", b"x")
+    stale_inv = f.write(tmp_path / "data" / "invalid" / "a" / f".gone.png.{dead}.tmp", b"x")
     outcomes, stats = run(tmp_path)
     assert not stale_cache.exists() and not stale_out.exists() and not stale_inv.exists()
     assert live_cache.read_bytes() == b"being written"
@@ -573,7 +573,7 @@ def test_run_removes_temp_files_of_dead_processes_only(tmp_path: Path):
 
 # --- the per-file decode time limit ------------------------------------------------------
 
-PPM_OPTS = DecodeOptions(size=16, formats=(*DEFAULT_FORMATS, "PPM"))
+PPM_OPTS = replace(OPTS, formats=(*OPTS.formats, "PPM"))
 
 
 def slow_ppm(comments: int = 200_000) -> bytes:
