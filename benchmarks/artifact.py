@@ -14,7 +14,6 @@ there. The bundle's gate and metrics are marked as the benchmark's, not measured
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from imgclf.bundle import write_bundle
 from imgclf.config import digest
+from imgclf.files import write_json
 from imgclf.imaging import DecodeOptions
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,7 @@ def bundle_info(size: int, backbone: str) -> dict[str, Any]:
 def write_candidate(folder: Path, size: int, backbone: str = "small_cnn") -> Path:
     """``model.keras`` + ``metadata.json`` in ``folder`` (a ``models/candidate``)."""
     save_model(folder / MODEL_FILE, size, backbone)
-    text = json.dumps(metadata(size, backbone), indent=2) + "\n"
-    (folder / METADATA_FILE).write_text(text, encoding="utf-8")
+    write_json(folder / METADATA_FILE, metadata(size, backbone))
     return folder
 
 

@@ -56,8 +56,8 @@ def replicate(processed: Path, dest: Path, copies: int) -> list[Path]:
 
 
 def ours_epoch(paths: list[str], y: np.ndarray, batch: int, cache: bool = False) -> int:
-    """Images yielded by one epoch of our training input (``train.make_dataset``)."""
-    from imgclf.pipeline.train import make_dataset
+    """Images yielded by one epoch of our training input (``dataset.make_dataset``)."""
+    from imgclf.pipeline.dataset import make_dataset
 
     ds = make_dataset(paths, y, SIZE, batch, shuffle=True, seed=0, cache=cache)
     return sum(int(x.shape[0]) for x, _ in ds)
@@ -111,7 +111,7 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
     """Epoch throughput of both inputs (interleaved reps), and vs the train step."""
     import tf_keras  # noqa: F401  (fail early and clearly when the bench extra is missing)
 
-    from imgclf.pipeline.train import encode_labels
+    from imgclf.pipeline.dataset import encode_labels
 
     result = Result("input", "Input pipeline")
     cfg = load_params().train.model_dump()
@@ -177,7 +177,7 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
 
 def _cached_rate(paths: list[str], y: np.ndarray, batch: int) -> float:
     """Images/s of a second epoch of a cached dataset (decoding done in the first)."""
-    from imgclf.pipeline.train import make_dataset
+    from imgclf.pipeline.dataset import make_dataset
 
     ds = make_dataset(paths, y, SIZE, batch, shuffle=True, seed=0, cache=True)
     for _ in ds:  # first epoch fills the cache

@@ -4,7 +4,7 @@ Old: the ``train`` defaults before the ``cnn`` backbone (:data:`OLD_TRAIN`: ``sm
 (16, 32, 64) flattened into a 64-unit dense layer, Adam at a constant 1e-3, batch 32,
 early stopping with patience 8 and no minimum gain). New: ``params.yaml``'s ``train``
 section as it is. Both go through the project's own code (``imgclf.pipeline``):
-``model.build_from_params``, ``train.make_dataset`` (the stored JPEGs, decoded and cached
+``model.build_from_params``, ``dataset.make_dataset`` (the stored JPEGs, decoded and cached
 as ``train`` does) and ``train.fit`` (the recipe: schedule, weight decay, early stopping),
 seeded by ``train.seed_everything``, with the same data, epoch budget and seed.
 
@@ -225,13 +225,14 @@ def train_and_test(
     import keras
 
     from imgclf.pipeline import train as trn
+    from imgclf.pipeline.dataset import make_dataset
     from imgclf.pipeline.model import build_from_params
 
     keras.backend.clear_session()
     trn.seed_everything(seed)
     y = labels["train"]
-    train_ds = trn.make_dataset(files["train"], y, size, cfg.batch_size, True, seed)
-    val_ds = trn.make_dataset(files["val"], labels["val"], size, cfg.batch_size)
+    train_ds = make_dataset(files["train"], y, size, cfg.batch_size, True, seed)
+    val_ds = make_dataset(files["val"], labels["val"], size, cfg.batch_size)
     model = build_from_params(size, CLASSES, cfg.model_copy(update={"weights": "none"}), seed)
     epoch_seconds: list[float] = []
 
@@ -252,7 +253,7 @@ def train_and_test(
         callbacks=[Clock()],
     )
     seconds = time.perf_counter() - start
-    test_ds = trn.make_dataset(files["test"], labels["test"], size, 256, cache=False)
+    test_ds = make_dataset(files["test"], labels["test"], size, 256, cache=False)
     probs = model.predict(test_ds, verbose=0)
     correct = probs.argmax(axis=1) == labels["test"]
     # the first epoch also decodes and caches the JPEGs and traces the graph

@@ -18,11 +18,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from imgclf.files import write_bytes, write_json
 
 MODEL_ENTRY = "model.keras"
 INFO_ENTRY = "bundle.json"
@@ -109,6 +110,11 @@ def read_run_facts(bundle: Path, md5: str) -> dict[str, Any]:
     return facts if isinstance(facts, dict) and facts.get("bundle_md5") == md5 else {}
 
 
+def write_run_facts(bundle: Path, facts: dict[str, Any]) -> Path:
+    """Write ``facts`` beside ``bundle`` (atomically; :func:`read_run_facts` reads them)."""
+    return write_json(run_facts_path(bundle), facts)
+
+
 def bundle_bytes(model_file: Path, info: dict[str, Any]) -> bytes:
     """The bundle's bytes: deterministic for the same model file and info."""
     info = {**info, "format": FORMAT}
@@ -126,14 +132,5 @@ def bundle_bytes(model_file: Path, info: dict[str, Any]) -> bytes:
 def write_bundle(path: Path, model_file: Path, info: dict[str, Any]) -> str:
     """Write the bundle atomically (temporary file, fsync, rename); returns its md5."""
     data = bundle_bytes(model_file, info)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes(path, data, fsync=True)
     return hashlib.md5(data, usedforsecurity=False).hexdigest()

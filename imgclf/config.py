@@ -177,7 +177,7 @@ def setup_logging(level: str = "INFO") -> None:
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "0" if level == "DEBUG" else "3")
     logging.basicConfig(level=level, format=LOG_FORMAT)
     if level != "DEBUG":
-        for noisy in ("tensorflow", "absl", "h5py", "PIL", "matplotlib"):
+        for noisy in ("tensorflow", "absl", "h5py", "PIL", "matplotlib", "watchfiles"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

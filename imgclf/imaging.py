@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from imgclf.params import FORMATS
-
 # Never accept partial images silently: a truncated file is invalid, not half-grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # We enforce our own pixel limit (below) before decoding; disable Pillow's global one so
@@ -49,14 +47,11 @@ class DecodeOptions:
     """
 
     size: int
-    # Defaults below only for callers that still give just ``size`` (some tests and
-    # benchmarks): they restate params.yaml, and go once those use
-    # imgclf.testing.images.preprocess_options.
-    mode: str = "pad"  # "pad" keeps the aspect ratio, "crop" takes the centre square
-    background: tuple[int, int, int] = (255, 255, 255)
-    max_pixels: int = 89_478_485
-    formats: tuple[str, ...] = FORMATS
-    jpeg_quality: int = 95  # of the stored training JPEG, and of serving's round trip
+    mode: str  # "pad" keeps the aspect ratio, "crop" takes the centre square
+    background: tuple[int, int, int]
+    max_pixels: int
+    formats: tuple[str, ...]  # of imgclf.params.FORMATS
+    jpeg_quality: int  # of the stored training JPEG, and of serving's round trip
 
     def __post_init__(self) -> None:
         if self.mode not in ("pad", "crop"):
@@ -75,7 +70,11 @@ class DecodeOptions:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DecodeOptions:
-        """From :meth:`to_dict`'s shape (as stored in a model bundle); other keys ignored."""
+        """From :meth:`to_dict`'s shape (as stored in a model bundle); other keys ignored.
+
+        Every key is required: bundle format 1 (:data:`imgclf.bundle.FORMAT`, the only one)
+        has always stored all six, so there is no older bundle to fill in for.
+        """
         return cls(
             size=int(values["size"]),
             mode=str(values["mode"]),

@@ -15,7 +15,7 @@ timestamp. (Another Graphviz version or other fonts can draw other bytes.)
 
 from __future__ import annotations
 
-import os
+import logging
 import re
 import shutil
 import subprocess
@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.config import StageError
+from imgclf.files import write_bytes
+
+log = logging.getLogger(__name__)
 
 DOT = "dot"
 DEBIAN_PACKAGE = "graphviz"
@@ -112,12 +115,14 @@ def draw_model(model: Any, path: Path, dpi: int = DPI) -> Path:
             f"drawing the model with `{DOT}` failed (exit status {proc.returncode})"
             + (f": {said[-1]}" if said else "")
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(proc.stdout)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_bytes(path, proc.stdout)
+
+
+def draw_if_possible(model: Any, path: Path) -> Path | None:
+    """:func:`draw_model` where Graphviz is installed; elsewhere a warning saying what is
+    missing, and None (a picture is no reason to throw a training away)."""
+    reason = missing()
+    if reason:
+        log.warning("%s not drawn: %s", path, reason)
+        return None
+    return draw_model(model, path)

@@ -13,7 +13,7 @@ Weights (``train.weights``): ``none`` (random init), ``imagenet`` (downloaded by
 needs the internet, fails loudly otherwise, never falls back), or a path to a local weights
 file of the backbone (``backbone.save_weights("x.weights.h5")`` or a Keras ``.h5``).
 
-Training recipe (used by ``imgclf.pipeline.train.fit``): :func:`compile_model` (AdamW, decoupled
+Training recipe (used by :func:`imgclf.pipeline.train.fit`): :func:`compile_model` (AdamW, decoupled
 weight decay, not on biases and BatchNorm), :func:`learning_rate_schedule` (cosine decay
 after a linear warm-up, per step) and :class:`EarlyStop` (patience counts epochs without a
 ``val_loss`` gain of at least ``min_delta``; the lowest-``val_loss`` weights are restored).
@@ -29,6 +29,8 @@ from typing import Any
 
 import keras
 from keras import layers
+
+from imgclf.params import Train
 
 BACKBONE_LAYER = "backbone"
 
@@ -196,19 +198,7 @@ def make_backbone(
     spec = _spec(backbone)
     mode = str(weights)
     if mode.lower() == "imagenet":
-        if backbone in OWN_CNNS:
-            raise ValueError(
-                f"{backbone} has no ImageNet weights; use train.weights: none or a file"
-            )
-        try:
-            return spec["factory"](input_shape, "imagenet")
-        except Exception as exc:
-            raise RuntimeError(
-                f"could not load the ImageNet weights of {backbone}: {exc}. "
-                "train.weights: imagenet downloads them from storage.googleapis.com (or uses "
-                "a copy in ~/.keras/models/); without internet access, set train.weights to "
-                "a local weights file or to none. Not falling back to random weights."
-            ) from exc
+        return _imagenet_backbone(backbone, input_shape)
     if backbone in OWN_CNNS:
         own = CNN_DEFAULTS[backbone]
         filters = tuple(cnn_filters) if cnn_filters is not None else own["filters"]
@@ -218,21 +208,40 @@ def make_backbone(
             model = _small_cnn(input_shape, filters, cnn_dense)
     else:
         model = spec["factory"](input_shape, None)
-    if mode.lower() == "none":
-        return model
-    path = Path(mode)
+    if mode.lower() != "none":
+        _load_weights_file(model, Path(mode), backbone)
+    return model
+
+
+def _imagenet_backbone(backbone: str, input_shape: tuple[int, int, int]) -> keras.Model:
+    """A ``keras.applications`` backbone with ImageNet weights (downloaded by Keras); no
+    fallback to random weights."""
+    if backbone in OWN_CNNS:
+        raise ValueError(f"{backbone} has no ImageNet weights; use train.weights: none or a file")
+    try:
+        return _spec(backbone)["factory"](input_shape, "imagenet")
+    except Exception as exc:
+        raise RuntimeError(
+            f"could not load the ImageNet weights of {backbone}: {exc}. "
+            "train.weights: imagenet downloads them from storage.googleapis.com (or uses "
+            "a copy in ~/.keras/models/); without internet access, set train.weights to "
+            "a local weights file or to none. Not falling back to random weights."
+        ) from exc
+
+
+def _load_weights_file(model: keras.Model, path: Path, backbone: str) -> None:
+    """Load a weights file into ``model``; a partial load (Keras only warns) is an error."""
     if not path.is_file():
         raise FileNotFoundError(f"train.weights file not found: {path}")
     try:
         with warnings.catch_warnings():
-            # Keras only warns about parts of the file it skipped: a partial load is an error.
             warnings.simplefilter("error", UserWarning)
             model.load_weights(path)
     except Exception as exc:
         raise ValueError(
-            f"weights file {path} does not fit backbone {backbone} with input {input_shape}: {exc}"
+            f"weights file {path} does not fit backbone {backbone} with input "
+            f"{tuple(model.input_shape[1:])}: {exc}"
         ) from exc
-    return model
 
 
 def augmentation(cfg: dict[str, Any], seed: int) -> list[layers.Layer]:
@@ -405,8 +414,8 @@ class EarlyStop(keras.callbacks.Callback):
             self.model.set_weights(self.best_weights)
 
 
-def build_from_params(image_size: int, num_classes: int, cfg: Any, seed: int) -> keras.Model:
-    """:func:`build_model` with the ``train`` params (a ``imgclf.params.Train``)."""
+def build_from_params(image_size: int, num_classes: int, cfg: Train, seed: int) -> keras.Model:
+    """:func:`build_model` with the ``train`` params."""
     return build_model(
         image_size,
         num_classes,

@@ -21,23 +21,34 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
-from imgclf.bundle import Bundle, BundleError, read_run_facts, run_facts_path, write_bundle
+from imgclf.bundle import Bundle, BundleError, read_run_facts, write_bundle, write_run_facts
 from imgclf.config import PATHS, StageError, load_params, setup_logging, stage_main
-from imgclf.params import Promote
+from imgclf.params import Mlflow, Promote
 
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("accuracy", "macro_f1", "roc_auc", "pr_auc")
 
 
-def gate(test_metrics: dict[str, Any], cfg: Promote) -> dict[str, Any]:
+def gate_verdict(test_metrics: dict[str, Any], cfg: Promote) -> dict[str, Any]:
     """The gate verdict: ``{"metric", "min_value", "value", "passed"}`` (an undefined
     metric, e.g. an AUC with a class missing from test, does not pass)."""
     value = test_metrics.get(cfg.metric)
     passed = value is not None and float(value) >= cfg.min_value
     return {"metric": cfg.metric, "min_value": cfg.min_value, "value": value, "passed": passed}
+
+
+def check_gate(verdict: dict[str, Any]) -> None:
+    """A failed verdict is a :class:`StageError` saying what stays served."""
+    if not verdict["passed"]:
+        raise StageError(
+            f"QUALITY GATE FAILED: test {verdict['metric']} {verdict['value']} < "
+            f"promote.min_value {verdict['min_value']}; the candidate is neither promoted "
+            f"nor registered, and {describe_promoted()}"
+        )
 
 
 def bundle_info(
@@ -62,7 +73,7 @@ def bundle_info(
     }
 
 
-def describe_current() -> str:
+def describe_promoted() -> str:
     """What ``models/bundle.zip`` holds now, in words (for the gate's failure line)."""
     try:
         current = Bundle.read(PATHS.bundle)
@@ -73,75 +84,76 @@ def describe_current() -> str:
     return f"models/bundle.zip keeps the bundle promoted by {run} ({g['metric']} {g['value']})"
 
 
-def read_json(path) -> dict[str, Any]:
+def read_stage_output(path: Path) -> dict[str, Any]:
+    """A JSON file an earlier stage wrote (a clear error when it has not run)."""
     if not path.is_file():
         raise StageError(f"{path.relative_to(PATHS.root)} not found: run the report stage first")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def promote_bundle(info: dict[str, Any]) -> str:
+    """Write ``models/bundle.zip`` (the candidate's model and ``info``); returns its md5."""
+    md5 = write_bundle(PATHS.bundle, PATHS.model_file, info)
+    gate = info["gate"]
+    log.info(
+        "quality gate passed (test %s %s >= %s): promoted models/bundle.zip (md5 %s)",
+        gate["metric"], gate["value"], gate["min_value"], md5,
+    )  # fmt: skip
+    return md5
+
+
+def register(run: Any, ml: Mlflow, verdict: dict[str, Any]) -> dict[str, Any] | None:
+    """Register ``models/bundle.zip`` as a new version of ``mlflow.registered_model``, with
+    ``mlflow.champion_alias`` when it beats the champion's metric, and tag the run.
+    Returns ``{"name", "version", "alias", "champion_value", "champion_version"}``; None
+    without a registry (``registered_model: null``) or when MLflow is unreachable."""
+    if not ml.registered_model:
+        return None
+    registered = run.register_bundle(
+        PATHS.bundle, ml.registered_model, verdict["metric"], float(verdict["value"]),
+        ml.champion_alias,
+    )  # fmt: skip
+    if not registered:
+        return None
+    tags = {k: v for k, v in registered.items() if v is not None}
+    run.set_tags({"registered_model": ml.registered_model, **tags})
+    holder = (
+        "this version"
+        if registered["alias"]
+        else f"kept by version {registered['champion_version']}"
+    )
+    log.info(
+        "registered %s version %s; @%s: %s (%s %s)",
+        ml.registered_model, registered["version"], ml.champion_alias, holder,
+        verdict["metric"], registered["champion_value"],
+    )  # fmt: skip
+    return {"name": ml.registered_model, **registered}
 
 
 @stage_main
 def main() -> None:
     params = load_params()
     setup_logging(params.base.log_level)
-    meta = read_json(PATHS.model_metadata)
-    test_metrics, op = read_json(PATHS.test_metrics), read_json(PATHS.operating_point)
-    verdict = gate(test_metrics, params.promote)
-
+    meta = read_stage_output(PATHS.model_metadata)
+    test_metrics = read_stage_output(PATHS.test_metrics)
+    op = read_stage_output(PATHS.operating_point)
+    verdict = gate_verdict(test_metrics, params.promote)
     from imgclf import tracking
 
-    ml = params.mlflow
     link = tracking.read_run_link()
-    run = tracking.resume(link, ml.experiment)
+    run = tracking.resume(link, params.mlflow.experiment)
     with tracking.taken(run):
         run.log_params(tracking.flatten({"promote": params.promote.model_dump()}))
         run.set_tags({"quality_gate": "passed" if verdict["passed"] else "failed"})
-        if not verdict["passed"]:
-            raise StageError(
-                f"QUALITY GATE FAILED: test {verdict['metric']} {verdict['value']} < "
-                f"promote.min_value {verdict['min_value']}; the candidate is neither promoted "
-                f"nor registered, and {describe_current()}"
-            )
-        info = bundle_info(meta, op, test_metrics, verdict)
-        md5 = write_bundle(PATHS.bundle, PATHS.model_file, info)
-        facts = {
-            "bundle_md5": md5,
-            "mlflow_run_id": run.run_id if run.ok else None,
-            "run_name": link["run_name"],
-            "git_commit": link.get("git_commit"),
-        }
-        run_facts_path(PATHS.bundle).write_text(
-            json.dumps(facts, indent=2) + "\n", encoding="utf-8"
-        )
-        log.info(
-            "quality gate passed (test %s %s >= %s): promoted models/bundle.zip (md5 %s)",
-            verdict["metric"], verdict["value"], verdict["min_value"], md5,
-        )  # fmt: skip
-        if ml.registered_model:
-            registered = run.register_bundle(
-                PATHS.bundle,
-                ml.registered_model,
-                verdict["metric"],
-                float(verdict["value"]),
-                ml.champion_alias,
-            )
-            if registered:
-                facts["registered"] = {"name": ml.registered_model, **registered}
-                run_facts_path(PATHS.bundle).write_text(
-                    json.dumps(facts, indent=2) + "\n", encoding="utf-8"
-                )
-                tags = {k: v for k, v in registered.items() if v is not None}
-                run.set_tags({"registered_model": ml.registered_model, **tags})
-                holder = (
-                    "this version"
-                    if registered["alias"]
-                    else "kept by version " + str(registered["champion_version"])
-                )
-                log.info(
-                    "registered %s version %s; @%s: %s (%s %s)",
-                    ml.registered_model, registered["version"], ml.champion_alias, holder,
-                    verdict["metric"], registered["champion_value"],
-                )  # fmt: skip
-    tracking.check_required(run, ml.required)
+        check_gate(verdict)
+        md5 = promote_bundle(bundle_info(meta, op, test_metrics, verdict))
+        facts = {"bundle_md5": md5, "mlflow_run_id": run.run_id if run.ok else None}
+        facts |= {"run_name": link["run_name"], "git_commit": link.get("git_commit")}
+        write_run_facts(PATHS.bundle, facts)
+        registered = register(run, params.mlflow, verdict)
+        if registered:
+            write_run_facts(PATHS.bundle, facts | {"registered": registered})
+    tracking.check_required(run, params.mlflow.required)
 
 
 if __name__ == "__main__":

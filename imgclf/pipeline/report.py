@@ -25,12 +25,12 @@ created and logs the report params, test metrics and report files.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +56,14 @@ from imgclf.config import (
     setup_logging,
     stage_main,
 )
+from imgclf.files import replacing, write_bytes, write_csv, write_json
+from imgclf.params import Report
+from imgclf.pipeline.dataset import encode_labels, make_dataset, read_list
 
 log = logging.getLogger(__name__)
 
 
-def _num(value: float) -> float | None:
+def _rounded(value: float) -> float | None:
     """Rounded float, None for NaN (JSON has no NaN)."""
     return None if value is None or math.isnan(value) else round(float(value), 6)
 
@@ -81,12 +84,32 @@ def choose_positive(named: str | None, class_counts: dict[str, int]) -> tuple[st
     return rarest, why
 
 
-def decide(probs: np.ndarray, positive: int, threshold: float) -> np.ndarray:
+def decisions_at_threshold(probs: np.ndarray, positive: int, threshold: float) -> np.ndarray:
     """Class index per row as serving decides: ``positive`` when its score reaches the
     threshold, else the most probable other class."""
     others = probs.copy()
     others[:, positive] = -1.0
     return np.where(probs[:, positive] >= threshold, positive, others.argmax(axis=1))
+
+
+def auc_scores(
+    y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], positive: str
+) -> tuple[float | None, float | None]:
+    """ROC AUC and PR AUC (average precision) of the scores ``probs``: of ``positive``'s
+    score for two classes, else macro one-vs-rest. Both are undefined (None) when a class
+    is absent from ``y_true``."""
+    k = len(class_names)
+    onehot = np.eye(k)[np.asarray(y_true, dtype=int)]
+    if len(y_true) == 0 or not onehot.any(axis=0).all():
+        return None, None
+    if k == 2:
+        pos = list(class_names).index(positive)
+        roc = roc_auc_score(onehot[:, pos], probs[:, pos])
+        pr = average_precision_score(onehot[:, pos], probs[:, pos])
+    else:
+        roc = roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=range(k))
+        pr = average_precision_score(onehot, probs, average="macro")
+    return _rounded(roc), _rounded(pr)
 
 
 def compute_metrics(
@@ -97,36 +120,23 @@ def compute_metrics(
     positive: str,
 ) -> dict[str, Any]:
     """Accuracy, macro F1 and per-class P/R/F1 of the decisions ``y_pred``; ROC AUC and PR
-    AUC of the scores ``probs``.
-
-    Two classes: the AUCs are of ``positive``'s score; more: macro one-vs-rest. An AUC that is
-    undefined (a class absent from ``y_true``) is ``None``.
-    """
-    k = len(class_names)
-    labels = list(range(k))
+    AUC of the scores ``probs`` (:func:`auc_scores`)."""
+    labels = list(range(len(class_names)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    onehot = np.eye(k)[y_true]
-    try:
-        if k == 2:
-            pos = list(class_names).index(positive)
-            roc = roc_auc_score(onehot[:, pos], probs[:, pos])
-            pr = average_precision_score(onehot[:, pos], probs[:, pos])
-        else:
-            roc = roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels)
-            pr = average_precision_score(onehot, probs, average="macro")
-    except ValueError:
-        roc = pr = float("nan")
+    roc, pr = auc_scores(y_true, probs, class_names, positive)
     return {
-        "accuracy": _num(accuracy_score(y_true, y_pred)),
-        "macro_f1": _num(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "roc_auc": _num(roc),
-        "pr_auc": _num(pr),
+        "accuracy": _rounded(accuracy_score(y_true, y_pred)),
+        "macro_f1": _rounded(
+            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
+        "roc_auc": roc,
+        "pr_auc": pr,
         "n": len(y_true),
         "per_class": {
             name: {
-                "precision": _num(p[i]),
-                "recall": _num(r[i]),
-                "f1": _num(f[i]),
+                "precision": _rounded(p[i]),
+                "recall": _rounded(r[i]),
+                "f1": _rounded(f[i]),
                 "support": int(s[i]),
             }
             for i, name in enumerate(class_names)
@@ -149,7 +159,7 @@ def threshold_for_recall(scores: np.ndarray, is_positive: np.ndarray, target: fl
     return float(pos[need - 1])
 
 
-RULE = "clopper_pearson_lower_bound"
+BOUND_RULE = "clopper_pearson_lower_bound"
 FALLBACK_RULE = "lowest_positive_fallback"
 
 
@@ -235,7 +245,7 @@ def confident_threshold(
     bound = recall_lower_bound(hits, n, confidence)
     return {
         "threshold": t,
-        "rule": RULE if met else FALLBACK_RULE,
+        "rule": BOUND_RULE if met else FALLBACK_RULE,
         "bound_met": bool(met),
         "hits": hits,
         "n_positive": n,
@@ -336,19 +346,34 @@ def curve_rows(
     return roc, pr
 
 
-def plot_confusion(matrices: dict[str, np.ndarray], class_names: Sequence[str], path: Path) -> None:
-    """One row per decision rule (its name is the row's title): counts and row-normalised
-    confusion matrices, drawn with scikit-learn's ``ConfusionMatrixDisplay``."""
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a 100 dpi PNG (atomically) and close it."""
+    fig.tight_layout()
+    with replacing(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_confusion(matrices: dict[str, np.ndarray], class_names: Sequence[str], path: Path) -> Path:
+    """One row per decision rule (its name is the row's title): counts and row-normalised
+    confusion matrices, drawn with scikit-learn's ``ConfusionMatrixDisplay``."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
     k = len(class_names)
     side = max(4.0, 0.6 * k + 2.5)
     rows = len(matrices)
-    fig, axes = plt.subplots(rows, 2, figsize=(2 * side + 1, side * rows), squeeze=False)
+    fig, axes = _pyplot().subplots(rows, 2, figsize=(2 * side + 1, side * rows), squeeze=False)
     for (rule, cm), (left, right) in zip(matrices.items(), axes, strict=True):
         norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
         for ax, data, what, fmt in ((left, cm, "counts", "d"), (right, norm, "row share", ".2f")):
@@ -358,10 +383,7 @@ def plot_confusion(matrices: dict[str, np.ndarray], class_names: Sequence[str], 
             ax.set_title(f"{rule}\n{what}", fontsize=10)
             ax.set_xlabel("predicted")
             ax.set_ylabel("actual")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return _save(fig, path)
 
 
 def plot_curves(
@@ -381,12 +403,6 @@ def plot_curves(
     Returns what was drawn: ``title``, ``roc_auc``, ``average_precision`` and
     ``operating_point`` (``fpr``, ``recall``, ``precision`` at ``threshold``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
-
     pos = list(class_names).index(positive)
     truth = np.asarray(y_true) == pos
     scores = np.asarray(probs)[:, pos]
@@ -400,7 +416,39 @@ def plot_curves(
         f"{int(truth.sum())} of {len(truth)} positive; operating point {positive} >= "
         f"{threshold:.4f}"
     )
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5))
+    marked = (fpr, at["recall"], at["precision"])
+    roc_auc, average_precision = _draw_curves(
+        truth, scores, positive, threshold, marked, (title, split), path
+    )
+    return {
+        "title": title,
+        "roc_auc": roc_auc,
+        "average_precision": average_precision,
+        "operating_point": {
+            "fpr": _rounded(fpr),
+            "recall": at["recall"],
+            "precision": at["precision"],
+        },
+    }
+
+
+def _draw_curves(
+    truth: np.ndarray,
+    scores: np.ndarray,
+    positive: str,
+    threshold: float,
+    marked: tuple[float, float | None, float | None],
+    titles: tuple[str, str],
+    path: Path,
+) -> tuple[float | None, float | None]:
+    """The two panels of :func:`plot_curves` (``marked``: the operating point's fpr,
+    recall and precision; ``titles``: the figure's title and the split), saved to
+    ``path``; returns the ROC AUC and average precision drawn."""
+    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
+
+    title, split = titles
+    fpr, recall, precision = marked
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(11, 5))
     roc = RocCurveDisplay.from_predictions(
         truth, scores, pos_label=True, name=positive, ax=left, plot_chance_level=True
     )
@@ -408,9 +456,9 @@ def plot_curves(
         truth, y_score=scores, pos_label=True, name=positive, ax=right, plot_chance_level=True
     )
     mark = f"operating point ({positive} >= {threshold:.4f})"
-    left.plot([fpr], [at["recall"]], "o", color="crimson", markersize=8, label=mark)
-    if at["precision"] is not None:
-        right.plot([at["recall"]], [at["precision"]], "o", color="crimson", ms=8, label=mark)
+    left.plot([fpr], [recall], "o", color="crimson", markersize=8, label=mark)
+    if precision is not None:
+        right.plot([recall], [precision], "o", color="crimson", ms=8, label=mark)
     left.set_title(f"ROC of {positive} ({split})", fontsize=10)
     left.set_xlabel(f"false positive rate (others flagged as {positive})")
     left.set_ylabel(f"recall of {positive}")
@@ -420,16 +468,8 @@ def plot_curves(
     for ax in (left, right):
         ax.legend(loc="lower right" if ax is left else "lower left", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return {
-        "title": title,
-        "roc_auc": _num(roc.roc_auc),
-        "average_precision": _num(prc.average_precision),
-        "operating_point": {"fpr": _num(fpr), "recall": at["recall"], "precision": at["precision"]},
-    }
+    _save(fig, path)
+    return _rounded(roc.roc_auc), _rounded(prc.average_precision)
 
 
 MISTAKE_FIELDS = ("path", "true", "predicted", "score")
@@ -464,6 +504,36 @@ def most_confident_errors(
     ]
 
 
+def _font() -> Any:
+    """Pillow's default font at 11 px (the fixed bitmap font without FreeType)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=11)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def _fit(draw: Any, font: Any, value: str, width: int) -> str:
+    """``value``, cut to ``width`` pixels and then marked by an ellipsis when too long."""
+    if draw.textlength(value, font=font) <= width:
+        return value
+    while len(value) > 1 and draw.textlength(value + "…", font=font) > width:
+        value = value[:-1]
+    return value + "…"
+
+
+def _thumbnail(source: Path, side: int) -> Any:
+    """The image at ``source`` shrunk into a ``side`` square; a grey square if unreadable."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(source) as img:
+            return ImageOps.contain(img.convert("RGB"), (side, side))
+    except (OSError, ValueError):
+        return Image.new("RGB", (side, side), (160, 160, 160))
+
+
 def mistakes_grid(
     paths: Sequence[str],
     y_true: np.ndarray,
@@ -487,27 +557,18 @@ def mistakes_grid(
     ``GRID_HEADER`` on top (n = 0: one cell saying there is no error). An unreadable image
     is a grey square.
     """
-    from PIL import Image, ImageDraw, ImageFont, ImageOps
+    from PIL import Image, ImageDraw
 
     rows = most_confident_errors(paths, y_true, y_pred, probs, class_names, limit)
     n_errors = int(np.sum(np.asarray(y_true) != np.asarray(y_pred)))
     cols = max(1, min(columns, len(rows)))
-    lines = max(1, math.ceil(len(rows) / cols))
-    cell_w = thumb + 2 * GRID_PAD
-    cell_h = thumb + 3 * GRID_PAD + 3 * GRID_LINE
-    canvas = Image.new("RGB", (cols * cell_w, GRID_HEADER + lines * cell_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    try:
-        font = ImageFont.load_default(size=11)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        font = ImageFont.load_default()
+    cell_w, cell_h = thumb + 2 * GRID_PAD, thumb + 3 * GRID_PAD + 3 * GRID_LINE
+    height = GRID_HEADER + max(1, math.ceil(len(rows) / cols)) * cell_h
+    canvas = Image.new("RGB", (cols * cell_w, height), "white")
+    draw, font = ImageDraw.Draw(canvas), _font()
 
     def text(xy: tuple[int, int], value: str, width: int, fill: str = "black") -> None:
-        if draw.textlength(value, font=font) > width:  # cut to fit, marked by an ellipsis
-            while len(value) > 1 and draw.textlength(value + "…", font=font) > width:
-                value = value[:-1]
-            value += "…"
-        draw.text(xy, value, fill=fill, font=font)
+        draw.text(xy, _fit(draw, font, value, width), fill=fill, font=font)
 
     header = (
         f"{len(rows)} most confident of {n_errors} errors ({split}); score = probability "
@@ -519,43 +580,106 @@ def mistakes_grid(
     for idx, row in enumerate(rows):
         x = (idx % cols) * cell_w + GRID_PAD
         y = GRID_HEADER + (idx // cols) * cell_h + GRID_PAD
-        source = Path(row["path"]) if root is None else Path(root) / row["path"]
-        try:
-            with Image.open(source) as img:
-                small = ImageOps.contain(img.convert("RGB"), (thumb, thumb))
-        except (OSError, ValueError):
-            small = Image.new("RGB", (thumb, thumb), (160, 160, 160))
+        small = _thumbnail(Path(row["path"]) if root is None else Path(root) / row["path"], thumb)
         canvas.paste(small, (x + (thumb - small.width) // 2, y + (thumb - small.height) // 2))
         y += thumb + GRID_PAD
         text((x, y), f"true: {row['true']}", thumb)
         text((x, y + GRID_LINE), f"pred: {row['predicted']}", thumb, fill="crimson")
         text((x, y + 2 * GRID_LINE), f"score {row['score']:.3f}", thumb)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png, format="PNG")
+    with replacing(out_png, "wb") as fh:
+        canvas.save(fh, format="PNG")
     return rows
 
 
-def write_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(fields))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_json(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def predict(model, paths: Sequence[str], image_size: int, batch_size: int) -> np.ndarray:
-    """Class probabilities of the images at ``paths``, streamed batch by batch."""
-    from imgclf.pipeline.train import make_dataset
-
-    if not paths:
+def predict_probs(model: Any, files: Sequence[str], image_size: int, batch_size: int) -> np.ndarray:
+    """Class probabilities of the images at ``files``, streamed batch by batch."""
+    if not files:
         return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
-    ds = make_dataset(paths, np.zeros(len(paths), np.int32), image_size, batch_size, cache=False)
+    labels = np.zeros(len(files), np.int32)
+    ds = make_dataset(files, labels, image_size, batch_size, cache=False)
     return model.predict(ds.map(lambda x, _y: x), verbose=0)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One side of the split scored by the candidate."""
+
+    paths: list[str]  # as listed: relative to the project root
+    y: np.ndarray  # class index per image
+    probs: np.ndarray  # (images, classes) probabilities
+
+
+def score_candidate(
+    class_names: Sequence[str], image_size: int, batch_size: int
+) -> tuple[Scored, Scored]:
+    """The candidate's probabilities on the val and test sides (an empty test side is a
+    :class:`StageError`)."""
+    import keras
+
+    model = keras.models.load_model(PATHS.model_file)
+    scored = []
+    for side in ("val", "test"):
+        listed = read_list(PATHS.split_list(side))
+        probs = predict_probs(model, listed.files(PATHS.root), image_size, batch_size)
+        scored.append(Scored(listed.paths, encode_labels(listed.labels, class_names), probs))
+    val, test = scored
+    if len(test.y) == 0:
+        raise StageError("the test list is empty: rerun the split stage")
+    return val, test
+
+
+ARGMAX_RULE = "argmax (top class)"
+ARGMAX_FIELDS = ("accuracy", "macro_f1", "per_class")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The candidate judged on test at the operating point chosen on val."""
+
+    class_names: list[str]
+    positive: str
+    test: Scored
+    operating_point: dict[str, Any]
+    # rule title -> decided class per test image: the operating threshold's, then argmax
+    decisions: dict[str, np.ndarray]
+    # compute_metrics of the threshold's decisions, with ARGMAX_FIELDS of argmax's under "argmax"
+    metrics: dict[str, Any]
+
+    @property
+    def positive_index(self) -> int:
+        """Column of the positive class in ``test.probs``."""
+        return self.class_names.index(self.positive)
+
+    @property
+    def at_threshold(self) -> np.ndarray:
+        """The decisions serving makes: at the operating threshold."""
+        return next(iter(self.decisions.values()))
+
+    @property
+    def report_text(self) -> str:
+        """scikit-learn's classification report of each rule."""
+        return classification_reports(self.test.y, self.decisions, self.class_names)
+
+
+def evaluate(
+    val: Scored, test: Scored, class_names: list[str], positive: str, cfg: Report
+) -> Evaluation:
+    """Choose the operating threshold on ``val`` (:func:`operating_point`); decide ``test``
+    at it and by argmax; the metrics of both."""
+    pos = class_names.index(positive)
+    op = operating_point(
+        val.probs[:, pos], val.y == pos, test.probs[:, pos], test.y == pos, positive,
+        cfg.target_recall, cfg.recall_confidence,
+    )  # fmt: skip
+    at_threshold = decisions_at_threshold(test.probs, pos, op["threshold"])
+    decisions = {
+        f"at the operating threshold ({positive} >= {op['threshold']:.4f})": at_threshold,
+        ARGMAX_RULE: test.probs.argmax(axis=1),
+    }
+    metrics = compute_metrics(test.y, at_threshold, test.probs, class_names, positive)
+    argmax = compute_metrics(test.y, decisions[ARGMAX_RULE], test.probs, class_names, positive)
+    metrics["argmax"] = {k: argmax[k] for k in ARGMAX_FIELDS}
+    return Evaluation(class_names, positive, test, op, decisions, metrics)
 
 
 def mlflow_metrics(metrics: dict[str, Any], prefix: str = "test_") -> dict[str, float]:
@@ -573,7 +697,7 @@ def mlflow_metrics(metrics: dict[str, Any], prefix: str = "test_") -> dict[str, 
 HEADLINE = ("accuracy", "macro_f1", "roc_auc", "pr_auc")
 
 
-def headline(metrics: dict[str, Any], op: dict[str, Any]) -> dict[str, Any]:
+def headline_metrics(metrics: dict[str, Any], op: dict[str, Any]) -> dict[str, Any]:
     """``test.json``, the columns of ``dvc exp show``: accuracy and macro F1 at the operating
     threshold, ROC and PR AUC, and the positive class's test recall and precision there.
     Per-class and argmax figures go to ``report/test_detail.json``."""
@@ -583,7 +707,7 @@ def headline(metrics: dict[str, Any], op: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def report_text(
+def classification_reports(
     y_true: np.ndarray, decisions: dict[str, np.ndarray], class_names: Sequence[str]
 ) -> str:
     """scikit-learn's classification report once per decision rule, each under its title."""
@@ -598,117 +722,128 @@ def report_text(
     return "\n".join(parts)
 
 
+PREDICTION_FIELDS = ("path", "actual", "predicted", "argmax", "score")
+
+
+def prediction_rows(ev: Evaluation) -> list[list[Any]]:
+    """Rows of :data:`PREDICTION_FIELDS`: each test image's class, its decisions at the
+    threshold and by argmax, and its positive-class score (DVC's confusion template)."""
+    names, test = ev.class_names, ev.test
+    argmax = ev.decisions[ARGMAX_RULE]
+    scores = test.probs[:, ev.positive_index]
+    return [
+        [path, names[a], names[b], names[c], round(float(s), 6)]
+        for path, a, b, c, s in zip(
+            test.paths, test.y, ev.at_threshold, argmax, scores, strict=True
+        )
+    ]
+
+
+def write_metrics(ev: Evaluation) -> list[Path]:
+    """``test.json`` (the headline), ``operating_point.json`` and the details,
+    ``report/test_detail.json``."""
+    return [
+        write_json(PATHS.test_metrics, headline_metrics(ev.metrics, ev.operating_point)),
+        write_json(PATHS.operating_point, ev.operating_point),
+        write_json(
+            PATHS.metrics / "report" / "test_detail.json",
+            {"positive_class": ev.positive, **ev.metrics},
+        ),
+    ]
+
+
+def write_plot_data(ev: Evaluation, folder: Path) -> list[Path]:
+    """What ``dvc plots`` draws: ``predictions.csv`` (confusion matrix), ``roc.csv``,
+    ``pr.csv`` (the positive class's curves)."""
+    pos = ev.positive_index
+    roc, pr = curve_rows(ev.test.y == pos, ev.test.probs[:, pos], ev.positive)
+    return [
+        write_csv(folder / "predictions.csv", PREDICTION_FIELDS, prediction_rows(ev)),
+        write_csv(folder / "roc.csv", ROC_FIELDS, roc),
+        write_csv(folder / "pr.csv", PR_FIELDS, pr),
+    ]
+
+
+def write_report_files(ev: Evaluation, folder: Path) -> list[Path]:
+    """The human-readable report: classification reports, confusion matrices, ROC and PR
+    curves with the operating point, and the most confident mistakes (PNG and CSV)."""
+    test, labels = ev.test, list(range(len(ev.class_names)))
+    matrices = {
+        rule: confusion_matrix(test.y, y, labels=labels) for rule, y in ev.decisions.items()
+    }
+    mistakes = mistakes_grid(
+        test.paths, test.y, ev.at_threshold, test.probs, ev.class_names, folder / "mistakes.png",
+        root=PATHS.root,
+    )  # fmt: skip
+    threshold = ev.operating_point["threshold"]
+    plot_curves(test.y, test.probs, ev.class_names, ev.positive, threshold, folder / "curves.png")
+    return [
+        write_bytes(folder / "classification_report.txt", ev.report_text.encode()),
+        plot_confusion(matrices, ev.class_names, folder / "confusion_matrix.png"),
+        folder / "curves.png",
+        folder / "mistakes.png",
+        write_csv(folder / "mistakes.csv", MISTAKE_FIELDS, mistakes),
+    ]
+
+
+def log_evaluation(ev: Evaluation) -> None:
+    """The test figures and classification reports, then the operating point (a warning
+    when its recall target is not vouched for)."""
+    rule = next(iter(ev.decisions))
+    log.info(
+        "test accuracy %.4f %s (argmax %.4f), macro F1 %.4f\n%s",
+        ev.metrics["accuracy"], rule, ev.metrics["argmax"]["accuracy"], ev.metrics["macro_f1"],
+        ev.report_text,
+    )  # fmt: skip
+    op = ev.operating_point
+    (log.info if op["bound_met"] else log.warning)(
+        "operating point: %s", describe_operating_point(op)
+    )
+
+
+def log_to_mlflow(run: Any, cfg: Report, ev: Evaluation, files: Sequence[Path]) -> None:
+    """The report params, the test metrics (``test_*``), the operating point (``op_*``) and
+    ``files`` (under ``report/``) to the candidate's MLflow run."""
+    from imgclf import tracking
+
+    op = ev.operating_point
+    run.log_params(tracking.flatten({"report": cfg.model_dump()}))
+    run.log_metrics(
+        mlflow_metrics(ev.metrics)
+        | {"op_threshold": op["threshold"]}
+        | mlflow_metrics({s: op[s] for s in ("val", "test", "expected")}, "op_")
+    )
+    run.set_tags({"positive_class": ev.positive})
+    for path in files:
+        run.log_artifact(path, "report")
+
+
+def read_candidate_metadata() -> dict[str, Any]:
+    """``models/candidate/metadata.json`` (a clear error before any train run)."""
+    if not PATHS.model_metadata.is_file():
+        raise StageError(f"no candidate in {PATHS.candidate}: run the train stage first")
+    return json.loads(PATHS.model_metadata.read_text(encoding="utf-8"))
+
+
 @stage_main
 def main() -> None:
     params = load_params()
     setup_logging(params.base.log_level)
-    cfg = params.report
-    if not PATHS.model_metadata.is_file():
-        raise StageError(f"no candidate in {PATHS.candidate}: run the train stage first")
-    meta = json.loads(PATHS.model_metadata.read_text(encoding="utf-8"))
-    class_names, size = list(meta["class_names"]), int(meta["image_size"])
+    cfg, meta = params.report, read_candidate_metadata()
+    class_names = list(meta["class_names"])
     positive, why = choose_positive(cfg.positive_class, meta["class_counts"])
     log.info("operating threshold for %r: %s", positive, why)
-    pos = class_names.index(positive)
-
     import_tensorflow()
-    import keras
-
     from imgclf import tracking
-    from imgclf.pipeline.train import encode_labels, read_list
 
     run = tracking.resume(tracking.read_run_link(), params.mlflow.experiment)
     with tracking.taken(run):
-        model = keras.models.load_model(PATHS.model_file)
-        root = str(PATHS.root)
-        sides = {}
-        for side in ("val", "test"):
-            paths, labels = read_list(PATHS.split_list(side))
-            probs = predict(model, [f"{root}/{p}" for p in paths], size, cfg.batch_size)
-            sides[side] = (paths, encode_labels(labels, class_names), probs)
-        test_paths, y_test, p_test = sides["test"]
-        _, y_val, p_val = sides["val"]
-        if len(y_test) == 0:
-            raise StageError("the test list is empty: rerun the split stage")
-
-        op = operating_point(
-            p_val[:, pos], y_val == pos, p_test[:, pos], y_test == pos, positive,
-            cfg.target_recall, cfg.recall_confidence,
-        )  # fmt: skip
-        at_threshold = f"at the operating threshold ({positive} >= {op['threshold']:.4f})"
-        decisions = {
-            at_threshold: decide(p_test, pos, op["threshold"]),
-            "argmax (top class)": p_test.argmax(axis=1),
-        }
-        y_thr, y_arg = decisions.values()
-        metrics = compute_metrics(y_test, y_thr, p_test, class_names, positive)
-        argmax = compute_metrics(y_test, y_arg, p_test, class_names, positive)
-        metrics["argmax"] = {k: argmax[k] for k in ("accuracy", "macro_f1", "per_class")}
-        out = PATHS.metrics
-        write_json(headline(metrics, op), PATHS.test_metrics)
-        write_json({"positive_class": positive, **metrics}, out / "report" / "test_detail.json")
-        write_json(op, PATHS.operating_point)
-        text = report_text(y_test, decisions, class_names)
-        (out / "report").mkdir(parents=True, exist_ok=True)
-        (out / "report" / "classification_report.txt").write_text(text, encoding="utf-8")
-        labels = list(range(len(class_names)))
-        plot_confusion(
-            {rule: confusion_matrix(y_test, y, labels=labels) for rule, y in decisions.items()},
-            class_names,
-            out / "report" / "confusion_matrix.png",
-        )
-        write_csv(
-            [
-                {
-                    "path": p, "actual": class_names[a], "predicted": class_names[b],
-                    "argmax": class_names[c], "score": round(float(s), 6),
-                }
-                for p, a, b, c, s in zip(
-                    test_paths, y_test, y_thr, y_arg, p_test[:, pos], strict=True
-                )
-            ],
-            ("path", "actual", "predicted", "argmax", "score"),
-            out / "plots" / "predictions.csv",
-        )  # fmt: skip
-        roc, pr = curve_rows(y_test == pos, p_test[:, pos], positive)
-        write_csv(roc, ROC_FIELDS, out / "plots" / "roc.csv")
-        write_csv(pr, PR_FIELDS, out / "plots" / "pr.csv")
-        curves = out / "report" / "curves.png"
-        plot_curves(y_test, p_test, class_names, positive, op["threshold"], curves)
-        mistakes = mistakes_grid(
-            test_paths, y_test, y_thr, p_test, class_names, out / "report" / "mistakes.png",
-            root=PATHS.root,
-        )  # fmt: skip
-        write_csv(mistakes, MISTAKE_FIELDS, out / "report" / "mistakes.csv")
-        log.info(
-            "test accuracy %.4f %s (argmax %.4f), macro F1 %.4f\n%s",
-            metrics["accuracy"], at_threshold, argmax["accuracy"], metrics["macro_f1"], text,
-        )  # fmt: skip
-        (log.info if op["bound_met"] else log.warning)(
-            "operating point: %s", describe_operating_point(op)
-        )
-
-        run.log_params(tracking.flatten({"report": cfg.model_dump()}))
-        run.log_metrics(
-            mlflow_metrics(metrics)
-            | {"op_threshold": op["threshold"]}
-            | mlflow_metrics({s: op[s] for s in ("val", "test", "expected")}, "op_")
-        )
-        run.set_tags({"positive_class": positive})
-        for path in (
-            out / "report" / "confusion_matrix.png",
-            curves,
-            out / "report" / "mistakes.png",
-            out / "report" / "mistakes.csv",
-            out / "report" / "test_detail.json",
-            out / "report" / "classification_report.txt",
-            PATHS.test_metrics,
-            PATHS.operating_point,
-            out / "plots" / "predictions.csv",
-            out / "plots" / "roc.csv",
-            out / "plots" / "pr.csv",
-        ):
-            run.log_artifact(path, "report")
+        val, test = score_candidate(class_names, int(meta["image_size"]), cfg.batch_size)
+        ev = evaluate(val, test, class_names, positive, cfg)
+        files = write_metrics(ev) + write_plot_data(ev, PATHS.metrics / "plots")
+        files += write_report_files(ev, PATHS.metrics / "report")
+        log_evaluation(ev)
+        log_to_mlflow(run, cfg, ev, files)
     tracking.check_required(run, params.mlflow.required)
 
 

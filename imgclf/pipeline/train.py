@@ -1,26 +1,29 @@
 """Stage ``train``: fit the classifier on the split lists; write the candidate model.
 
-Input: ``data/split/{train,val}.csv`` (``path,label,sha256``; paths relative to the project
-root) read with ``tf.data`` (parallel JPEG decode, in-memory cache, prefetch). Class names
-are the sorted labels of the train list.
+Input: ``data/split/{train,val}.csv`` through :mod:`imgclf.pipeline.dataset` (``tf.data``:
+parallel JPEG decode, in-memory cache, prefetch). Class names are the sorted labels of the
+train list.
 
 Outputs: the *candidate* ``models/candidate/model.keras`` (uint8-range pixels in, softmax
-out; see ``imgclf.pipeline.model``) and ``models/candidate/metadata.json``, the per-epoch history
-``metrics/train/history.csv`` (a DVC plot) and ``metrics/train.json``. A candidate is never
-served: ``report`` judges it and ``promote`` bundles it only when it passes the gate. One
-MLflow run is created here (see ``imgclf.tracking``); its id goes into ``metadata.json``
-for ``report`` and ``promote`` to resume.
+out; see :mod:`imgclf.pipeline.model`), ``metadata.json`` and ``model.png``; the per-epoch
+history, written by DVCLive's Keras callback into ``metrics/train/``
+(``plots/metrics/train/{loss,accuracy,learning_rate}.tsv`` and
+``plots/metrics/eval/{loss,accuracy}.tsv``, one row per epoch, ``step`` = epoch counted
+from 1; plotted by ``dvc plots``; DVCLive's ``metrics.json`` beside them holds the last
+epoch's values); and ``metrics/train.json`` (epochs run, best epoch: the ``dvc exp show``
+columns). A candidate is never served: ``report`` judges it and ``promote`` bundles it
+only when it passes the gate. One MLflow run is created here (see :mod:`imgclf.tracking`);
+it gets every epoch's metrics as the training goes, and its id goes to
+``.mlflow-run.json`` for ``report`` and ``promote`` to resume.
 
 Deterministic: seeds from ``train.seed`` (else ``base.seed``) and TF op determinism, so the
 same params and data give the same weights on the same machine, and the model file is saved
 byte-stable (:func:`save_model`): ``dvc repro -f`` leaves ``dvc.lock`` unchanged. The MLflow
-run id, which differs every run, goes to ``.mlflow-run.json``, outside every DVC out.
+run id, which differs every run, stays outside every DVC out.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import io
 import json
 import logging
@@ -28,7 +31,9 @@ import sys
 import time
 import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,31 +48,39 @@ from imgclf.config import (
     setup_logging,
     stage_main,
 )
-from imgclf.imaging import DecodeOptions, decode_stored_jpeg
-from imgclf.params import Train
+from imgclf.files import write_bytes, write_json
+from imgclf.imaging import DecodeOptions
+from imgclf.params import Mlflow, Train
+from imgclf.pipeline.dataset import SplitList, data_hash, encode_labels, make_dataset, read_list
 
 log = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
-TRAIN_SECTIONS = ("base", "preprocess", "split", "train", "mlflow")
+LOGGED_SECTIONS = ("base", "preprocess", "split", "train", "mlflow")
+SIDES = ("train", "val", "test")  # all three name the data (data_hash); two are read
 
 
-def read_list(path: Path) -> tuple[list[str], list[str]]:
-    """``(paths, labels)`` of a split list (paths as written: relative to the root)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"split list not found: {path} (run the split stage first)")
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    return [r["path"] for r in rows], [r["label"] for r in rows]
+@dataclass(frozen=True)
+class TrainingData:
+    """The train and val sides, their labels encoded against the train list's classes."""
+
+    class_names: list[str]
+    train: SplitList
+    val: SplitList
+    y_train: np.ndarray
+    y_val: np.ndarray
 
 
-def encode_labels(labels: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
-    """Class indices of ``labels``; a label outside ``class_names`` is an error."""
-    index = {name: i for i, name in enumerate(class_names)}
-    unknown = sorted(set(labels) - set(index))
-    if unknown:
-        raise ValueError(f"labels not among the training classes {list(class_names)}: {unknown}")
-    return np.array([index[label] for label in labels], dtype=np.int32)
+def load_training_data(train_list: Path, val_list: Path) -> TrainingData:
+    """Read both lists; an empty side is a :class:`StageError`."""
+    train, val = read_list(train_list), read_list(val_list)
+    if not train.paths or not val.paths:
+        raise StageError("the train and val lists must not be empty: rerun the split stage")
+    names = sorted(set(train.labels))
+    data = TrainingData(
+        names, train, val, encode_labels(train.labels, names), encode_labels(val.labels, names)
+    )
+    log.info("classes %s; %d train, %d val images", names, len(train.paths), len(val.paths))
+    return data
 
 
 def class_weights(y: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
@@ -80,46 +93,6 @@ def class_weights(y: np.ndarray, num_classes: int, mode: str) -> dict[int, float
     return {i: float(len(y) / (num_classes * c)) if c else 0.0 for i, c in enumerate(counts)}
 
 
-def data_hash(files: Sequence[Path], decode: DecodeOptions) -> str:
-    """SHA-256 over the split lists (every raw image's content hash and side) and the
-    decode settings that turned raw images into training pixels."""
-    h = hashlib.sha256(json.dumps(decode.to_dict(), sort_keys=True).encode())
-    for path in files:
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
-def make_dataset(
-    paths: Sequence[str],
-    labels: np.ndarray,
-    image_size: int,
-    batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    cache: bool = True,
-):
-    """``tf.data`` pipeline of ``(float32 pixels 0-255, label)`` batches.
-
-    Decoding runs in parallel (deterministic order); ``cache`` keeps decoded uint8 images in
-    memory after the first pass; ``shuffle`` reshuffles each epoch from ``seed``.
-    """
-    import tensorflow as tf
-
-    ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, dtype=np.int32)))
-
-    def load(path, label):
-        img = decode_stored_jpeg(tf.io.read_file(path))
-        return tf.ensure_shape(img, (image_size, image_size, 3)), label
-
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    if cache:
-        ds = ds.cache()
-    if shuffle:
-        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
 def seed_everything(seed: int) -> None:
     """Python, NumPy and TF seeds plus TF op determinism."""
     import keras
@@ -129,107 +102,170 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One ``model.fit`` call of :func:`fit`."""
+
+    name: str  # the history's ``phase``: train | fine_tune
+    learning_rate: float  # peak of the schedule
+    first_epoch: int  # epochs run before it
+    epochs: int  # its budget
+
+
+def steps_per_epoch(ds: Any) -> int:
+    """Batches in one pass of ``ds`` (counted when ``tf.data`` does not know)."""
+    steps = int(ds.cardinality())
+    if steps == -2:  # unknown to tf.data (e.g. after a filter): count one pass
+        steps = sum(1 for _ in ds)
+    if steps <= 0:
+        raise ValueError("the training dataset is empty or infinite")
+    return steps
+
+
+def fit_phase(
+    model: Any,
+    train_ds: Any,
+    val_ds: Any,
+    cfg: Train,
+    phase: Phase,
+    weights: dict[int, float] | None,
+    callbacks: Sequence[Any] = (),
+) -> list[dict[str, Any]]:
+    """Compile (AdamW with ``train.weight_decay``, the ``train.lr_schedule`` over the phase's
+    steps) and fit with early stopping; one history row per epoch run."""
+    from imgclf.pipeline.model import EarlyStop, compile_model, learning_rate_schedule
+
+    steps = steps_per_epoch(train_ds)
+    schedule = learning_rate_schedule(
+        cfg.lr_schedule, phase.learning_rate, phase.epochs * steps, cfg.warmup_epochs * steps
+    )
+    compile_model(model, schedule, cfg.weight_decay)
+    stop = EarlyStop(cfg.patience, cfg.min_delta)
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=phase.first_epoch + phase.epochs,
+        initial_epoch=phase.first_epoch,
+        class_weight=weights,
+        callbacks=[stop, *callbacks],  # EarlyStop first: it adds learning_rate to the logs
+        shuffle=False,  # the dataset shuffles itself (seeded)
+        verbose=2,
+    ).history
+    if stop.stopped_epoch is not None:
+        log.info(
+            "early stop after epoch %d: no val_loss gain over %g in %d epochs; weights of "
+            "epoch %d kept",
+            stop.stopped_epoch + 1, cfg.min_delta, cfg.patience, (stop.best_epoch or 0) + 1,
+        )  # fmt: skip
+    return history_rows(history, phase)
+
+
+def history_rows(history: dict[str, list[float]], phase: Phase) -> list[dict[str, Any]]:
+    """Keras' ``History.history`` as rows: ``epoch`` (from 1, across phases), ``phase``, the
+    logged metrics, and ``lr`` (the learning rate of the epoch's last step)."""
+    metrics = {k: v for k, v in history.items() if k != "learning_rate"}
+    return [
+        {
+            "epoch": phase.first_epoch + i + 1,
+            "phase": phase.name,
+            **{k: float(v[i]) for k, v in metrics.items()},
+            "lr": float(history["learning_rate"][i]),
+        }
+        for i in range(len(history["loss"]))
+    ]
+
+
 def fit(
-    model,
-    train_ds,
-    val_ds,
+    model: Any,
+    train_ds: Any,
+    val_ds: Any,
     cfg: Train,
     weights: dict[int, float] | None,
     callbacks: Sequence[Any] = (),
-) -> list[dict[str, float]]:
-    """Phase 1 (head, or everything for a non-pretrained backbone), then the optional
-    fine-tune phase. Each phase: AdamW with ``train.weight_decay``, the learning rate of
-    ``train.lr_schedule`` (cosine: ``train.warmup_epochs`` of linear warm-up, then cosine
-    decay to 0 at the phase's last epoch, per step), early stopping on ``val_loss``
-    (``train.patience`` epochs without a gain over ``train.min_delta``) with the
-    lowest-``val_loss`` weights restored. A fine-tune phase that does not beat phase 1 is
-    undone. Returns one row per epoch; ``lr`` is the learning rate of its last step.
+) -> list[dict[str, Any]]:
+    """Phase 1 (the head, or everything for a non-pretrained backbone), then the optional
+    fine-tune phase (:func:`fine_tune`). Each phase: AdamW with ``train.weight_decay``, the
+    learning rate of ``train.lr_schedule`` (cosine: ``train.warmup_epochs`` of linear
+    warm-up, then cosine decay to 0 at the phase's last epoch, per step), early stopping on
+    ``val_loss`` (``train.patience`` epochs without a gain over ``train.min_delta``) with the
+    lowest-``val_loss`` weights restored. Returns one row per epoch (:func:`history_rows`).
     """
-    from imgclf.pipeline.model import (
-        BACKBONE_LAYER,
-        EarlyStop,
-        compile_model,
-        learning_rate_schedule,
-        unfreeze_top,
-    )
-
-    steps = int(train_ds.cardinality())  # batches per epoch
-    if steps == -2:  # unknown to tf.data (e.g. after a filter): count one pass
-        steps = sum(1 for _ in train_ds)
-    if steps <= 0:
-        raise ValueError("the training dataset is empty or infinite")
-
-    def phase(name: str, lr: float, first: int, epochs: int) -> list[dict[str, float]]:
-        schedule = learning_rate_schedule(
-            cfg.lr_schedule, lr, epochs * steps, cfg.warmup_epochs * steps
-        )
-        compile_model(model, schedule, cfg.weight_decay)
-        stop = EarlyStop(cfg.patience, cfg.min_delta)
-        hist = model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=first + epochs,
-            initial_epoch=first,
-            class_weight=weights,
-            callbacks=[stop, *callbacks],
-            shuffle=False,  # the dataset shuffles itself (seeded)
-            verbose=2,
-        )
-        history = dict(hist.history)
-        rates = history.pop("learning_rate")
-        if stop.stopped_epoch is not None:
-            log.info(
-                "early stop after epoch %d: no val_loss gain over %g in %d epochs; "
-                "weights of epoch %d kept",
-                stop.stopped_epoch + 1,
-                cfg.min_delta,
-                cfg.patience,
-                (stop.best_epoch or 0) + 1,
-            )
-        return [
-            {
-                "epoch": first + i + 1,
-                "phase": name,
-                **{k: float(v[i]) for k, v in history.items()},
-                "lr": float(rates[i]),
-            }
-            for i in range(len(history["loss"]))
-        ]
-
-    rows = phase("train", cfg.learning_rate, 0, cfg.epochs)
-    ft_epochs = cfg.fine_tune_epochs
-    # build_model freezes a backbone whose weights were loaded (imagenet or a file)
-    backbone_is_frozen = not model.get_layer(BACKBONE_LAYER).trainable
-    if ft_epochs > 0 and not backbone_is_frozen:
-        log.info("fine-tune skipped: the backbone was trained from the start (no frozen part)")
-    elif ft_epochs > 0:
-        best = best_row(rows)["val_loss"]
-        saved = model.get_weights()
-        n = unfreeze_top(model, cfg.fine_tune_layers)
-        log.info("fine-tune: %d layers of %s unfrozen", n, BACKBONE_LAYER)
-        ft = phase("fine_tune", cfg.fine_tune_learning_rate, len(rows), ft_epochs)
-        rows += ft
-        if not best_row(ft)["val_loss"] < best:
-            log.info("fine-tune did not improve val_loss (%.4f); phase-1 weights kept", best)
-            model.set_weights(saved)
+    rows = fit_phase(
+        model, train_ds, val_ds, cfg, Phase("train", cfg.learning_rate, 0, cfg.epochs), weights,
+        callbacks,
+    )  # fmt: skip
+    if cfg.fine_tune_epochs > 0:
+        rows += fine_tune(model, train_ds, val_ds, cfg, weights, callbacks, rows)
     return rows
 
 
-def best_row(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+def fine_tune(
+    model: Any,
+    train_ds: Any,
+    val_ds: Any,
+    cfg: Train,
+    weights: dict[int, float] | None,
+    callbacks: Sequence[Any],
+    before: Sequence[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Unfreeze the top ``train.fine_tune_layers`` of a pretrained (frozen) backbone and fit
+    ``train.fine_tune_epochs`` more at ``train.fine_tune_learning_rate``; the phase is undone
+    (weights of ``before``, the history so far) when its lowest ``val_loss`` is no better.
+    A backbone trained from the start has nothing frozen to tune: skipped, no rows."""
+    from imgclf.pipeline.model import BACKBONE_LAYER, unfreeze_top
+
+    if model.get_layer(BACKBONE_LAYER).trainable:  # build_model freezes loaded weights only
+        log.info("fine-tune skipped: the backbone was trained from the start (no frozen part)")
+        return []
+    best = best_row(before)["val_loss"]
+    saved = model.get_weights()
+    n = unfreeze_top(model, cfg.fine_tune_layers)
+    log.info("fine-tune: %d layers of %s unfrozen", n, BACKBONE_LAYER)
+    phase = Phase("fine_tune", cfg.fine_tune_learning_rate, len(before), cfg.fine_tune_epochs)
+    rows = fit_phase(model, train_ds, val_ds, cfg, phase, weights, callbacks)
+    if not best_row(rows)["val_loss"] < best:
+        log.info("fine-tune did not improve val_loss (%.4f); phase-1 weights kept", best)
+        model.set_weights(saved)
+    return rows
+
+
+def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The epoch with the lowest ``val_loss`` (the weights kept: early stopping restores
     them, and a fine-tune phase is kept only when its lowest beats phase 1's)."""
     return min(rows, key=lambda r: r["val_loss"])
 
 
-def write_history(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
-            )
+def train_summary(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """``metrics/train.json``, the ``dvc exp show`` columns of training."""
+    return {"epochs_run": len(rows), "best_epoch": int(best_row(rows)["epoch"])}
+
+
+def mlflow_epochs(run: Any) -> Any:
+    """A Keras callback logging each epoch's metrics to the MLflow ``run`` (step = epoch,
+    from 1) as the training goes."""
+    import keras
+
+    def log_epoch(epoch: int, logs: dict[str, Any] | None) -> None:
+        run.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)
+
+
+@contextmanager
+def dvclive_history(directory: Path) -> Iterator[Any]:
+    """DVCLive's Keras callback, writing each epoch's logs into ``directory`` (see the
+    module docstring), ``step`` = epoch from 1 as in Keras' log and ``train.json``.
+
+    DVCLive neither writes a ``dvc.yaml`` (the project's declares the plots) nor saves a
+    DVC experiment, and its files hold no timestamp (byte-stable outputs). Open it before
+    seeding: it draws a random experiment name.
+    """
+    from dvclive import Live
+    from dvclive.keras import DVCLiveCallback
+
+    with Live(str(directory), dvcyaml=False, save_dvc_exp=False) as live:
+        live.step = 1
+        yield DVCLiveCallback(live=live)
 
 
 def _renumber_shared_objects(node: Any, ids: dict[int, int]) -> Any:
@@ -267,121 +303,120 @@ def save_model(model: Any, path: Path) -> None:
             fixed.compress_type = entry.compress_type
             fixed.external_attr = entry.external_attr
             dst.writestr(fixed, data)
-    path.write_bytes(out.getvalue())
+    write_bytes(path, out.getvalue())
 
 
-def write_json(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+def candidate_metadata(
+    data: TrainingData, decode: DecodeOptions, backbone: str, params_digest: str, dhash: str
+) -> dict[str, Any]:
+    """``models/candidate/metadata.json``: what ``report`` and ``promote`` need beside the
+    model (classes, input size, decode settings) and what it was trained from."""
+    return {
+        "class_names": data.class_names,
+        "class_counts": dict(sorted(Counter(data.train.labels).items())),
+        "image_size": decode.size,
+        "decode": decode.to_dict(),
+        "backbone": backbone,
+        "params_digest": params_digest,
+        "data_hash": dhash,
+    }
+
+
+def start_run(ml: Mlflow, dhash: str, params_digest: str) -> tuple[Any, str, str | None]:
+    """Close runs whose owner died; start the candidate's MLflow run, tagged with the data
+    hash, the params digest and the git commit. Returns the run, its name and the commit."""
+    from imgclf import tracking
+
+    uri = tracking.tracking_uri()
+    tags = tracking.run_tags(dhash, PATHS.root) | {"params_digest": params_digest}
+    name = tracking.run_name(commit=tags.get("git_commit"))
+    tracking.close_abandoned(uri, ml.experiment)
+    pending = tracking.pending_dir()
+    run = tracking.Run.start(uri, ml.experiment, name, pending, run_name=name, tags=tags)
+    return run, name, tags.get("git_commit")
+
+
+def train_candidate(
+    data: TrainingData, size: int, cfg: Train, seed: int, run: Any, history_dir: Path
+) -> tuple[Any, list[dict[str, Any]], float]:
+    """Build the model of ``cfg`` for ``size`` px and fit it on ``data`` (seeded), each
+    epoch logged to the MLflow ``run`` and by DVCLive into ``history_dir``. Returns the
+    model, the history rows and the seconds the fit took."""
+    from imgclf.pipeline.model import build_from_params
+
+    with dvclive_history(history_dir) as history:
+        seed_everything(seed)
+        train_ds = make_dataset(
+            data.train.files(PATHS.root), data.y_train, size, cfg.batch_size, True, seed
+        )
+        val_ds = make_dataset(data.val.files(PATHS.root), data.y_val, size, cfg.batch_size)
+        model = build_from_params(size, len(data.class_names), cfg, seed)
+        log.info("model %s: %d parameters", model.name, model.count_params())
+        weights = class_weights(data.y_train, len(data.class_names), cfg.class_weight)
+        start = time.perf_counter()
+        rows = fit(model, train_ds, val_ds, cfg, weights, [mlflow_epochs(run), history])
+    return model, rows, time.perf_counter() - start
+
+
+def write_candidate(model: Any, metadata: dict[str, Any]) -> list[Path]:
+    """``models/candidate/``: the model, its metadata and (where Graphviz is installed) its
+    picture; returns the files written."""
+    from imgclf.pipeline.architecture import draw_if_possible
+
+    PATHS.candidate.mkdir(parents=True, exist_ok=True)
+    save_model(model, PATHS.model_file)
+    written = [write_json(PATHS.model_metadata, metadata)]
+    picture = draw_if_possible(model, PATHS.candidate / "model.png")
+    log.info("wrote the candidate %s", PATHS.candidate.relative_to(PATHS.root))
+    return written + ([picture] if picture else [])
+
+
+def log_training(
+    run: Any, rows: Sequence[dict[str, Any]], seconds: float, n_images: int, files: list[Path]
+) -> None:
+    """The log line and the MLflow summary of a training: epochs, best epoch and its val
+    figures, time and speed; ``files`` as artifacts under ``train/``."""
+    best = best_row(rows)
+    speed = n_images * len(rows) / seconds
+    log.info(
+        "trained %d epochs in %.1f s (%.0f images/s); best epoch %d: val_loss %.4f, "
+        "val_accuracy %.4f",
+        len(rows), seconds, speed, best["epoch"], best["val_loss"], best["val_accuracy"],
+    )  # fmt: skip
+    run.log_metrics(
+        train_summary(rows)
+        | {"best_val_loss": best["val_loss"], "best_val_accuracy": best["val_accuracy"]}
+        | {"train_seconds": seconds, "train_images_per_second": speed}
+    )
+    for path in files:  # a folder is logged as <artifact path>/<its name>/...
+        run.log_artifact(path, None if path.is_dir() else "train")
 
 
 @stage_main
 def main() -> None:
     params = load_params()
     setup_logging(params.base.log_level)
-    cfg, ml, seed = params.train, params.mlflow, params.train_seed
-    decode = DecodeOptions.from_params(params.preprocess)
-    lists = [PATHS.split_list(s) for s in ("train", "val", "test")]
-    train_paths, train_labels = read_list(lists[0])
-    val_paths, val_labels = read_list(lists[1])
-    if not train_paths or not val_paths:
-        raise StageError("the train and val lists must not be empty: rerun the split stage")
-    class_names = sorted(set(train_labels))
-    y_train = encode_labels(train_labels, class_names)
-    y_val = encode_labels(val_labels, class_names)
-    log.info("classes %s; %d train, %d val images", class_names, len(y_train), len(y_val))
-
+    cfg, decode = params.train, DecodeOptions.from_params(params.preprocess)
+    lists = [PATHS.split_list(side) for side in SIDES]
+    data = load_training_data(lists[0], lists[1])
+    logged = params.model_dump(include=set(LOGGED_SECTIONS))
+    dhash, pdigest = data_hash(lists, decode), digest(logged)
     import_tensorflow()
-    import keras
-
     from imgclf import tracking
-    from imgclf.pipeline.architecture import can_draw, draw_model, missing
-    from imgclf.pipeline.model import build_from_params
 
-    seed_everything(seed)
-    weights = class_weights(y_train, len(class_names), cfg.class_weight)
-    root = str(PATHS.root)
-    train_ds = make_dataset(
-        [f"{root}/{p}" for p in train_paths], y_train, decode.size, cfg.batch_size, True, seed
-    )
-    val_ds = make_dataset([f"{root}/{p}" for p in val_paths], y_val, decode.size, cfg.batch_size)
-
-    dhash = data_hash(lists, decode)
-    logged = params.model_dump(include=set(TRAIN_SECTIONS))
-    pdigest = digest(logged)
-    uri = tracking.tracking_uri()
-    tags = tracking.run_tags(dhash, PATHS.root)
-    name = tracking.run_name(commit=tags.get("git_commit"))
-    tracking.close_abandoned(uri, ml.experiment)
-    run = tracking.Run.start(
-        uri,
-        ml.experiment,
-        key=name,
-        pending_dir=PATHS.cache / "mlflow-pending",
-        run_name=name,
-        tags={**tags, "params_digest": pdigest},
-    )
+    history = PATHS.metrics / "train"  # a folder named train: MLflow artifacts train/...
+    run, name, commit = start_run(params.mlflow, dhash, pdigest)
     with tracking.taken(run):
         run.log_params(tracking.flatten(logged))
-
-        class EpochLogger(keras.callbacks.Callback):
-            """Per-epoch metrics to MLflow as the training goes."""
-
-            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-                run.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
-
-        model = build_from_params(decode.size, len(class_names), cfg, seed)
-        log.info("model %s: %d parameters", model.name, model.count_params())
-
-        start = time.perf_counter()
-        rows = fit(model, train_ds, val_ds, cfg, weights, callbacks=[EpochLogger()])
-        seconds = time.perf_counter() - start
-        best = best_row(rows)
-        speed = len(y_train) * len(rows) / seconds
-        log.info(
-            "trained %d epochs in %.1f s (%.0f images/s); best epoch %d: val_loss %.4f, "
-            "val_accuracy %.4f",
-            len(rows),
-            seconds,
-            speed,
-            best["epoch"],
-            best["val_loss"],
-            best["val_accuracy"],
+        model, rows, seconds = train_candidate(
+            data, decode.size, cfg, params.train_seed, run, history
         )
-
-        PATHS.candidate.mkdir(parents=True, exist_ok=True)
-        save_model(model, PATHS.model_file)
-        if can_draw():
-            draw_model(model, PATHS.candidate / "model.png")
-        else:  # a picture is no reason to throw the training away
-            log.warning("models/candidate/model.png not drawn: %s", missing())
-        write_history(rows, PATHS.metrics / "train" / "history.csv")
-        summary = {"epochs_run": len(rows), "best_epoch": int(best["epoch"])}
-        write_json(summary, PATHS.metrics / "train.json")  # dvc exp show's train columns
-        write_json(
-            {
-                "class_names": class_names,
-                "class_counts": dict(sorted(Counter(train_labels).items())),
-                "image_size": decode.size,
-                "decode": decode.to_dict(),
-                "backbone": cfg.backbone,
-                "params_digest": pdigest,
-                "data_hash": dhash,
-            },
-            PATHS.model_metadata,
-        )
-        tracking.write_run_link(run, name, dhash, tags.get("git_commit"))
-        log.info("wrote the candidate %s", PATHS.candidate.relative_to(PATHS.root))
-        run.log_metrics(
-            summary
-            | {"best_val_loss": best["val_loss"], "best_val_accuracy": best["val_accuracy"]}
-            | {"train_seconds": seconds, "train_images_per_second": speed}
-        )
-        run.log_artifact(PATHS.metrics / "train" / "history.csv", "train")
-        run.log_artifact(PATHS.model_metadata, "train")
-        if (PATHS.candidate / "model.png").is_file():
-            run.log_artifact(PATHS.candidate / "model.png", "train")
-    tracking.check_required(run, ml.required)
+        metadata = candidate_metadata(data, decode, cfg.backbone, pdigest, dhash)
+        files = write_candidate(model, metadata)
+        write_json(PATHS.metrics / "train.json", train_summary(rows))
+        tracking.write_run_link(run, name, dhash, commit)
+        log_training(run, rows, seconds, len(data.y_train), [*files, history])
+    tracking.check_required(run, params.mlflow.required)
 
 
 if __name__ == "__main__":

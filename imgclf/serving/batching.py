@@ -26,12 +26,10 @@ class Overloaded(RuntimeError):
     """The queue is full: answer 503 rather than pile up work."""
 
 
-class NotReady(RuntimeError):
-    """No model is loaded yet: answer 503 until it is."""
-
-
 @dataclass
-class _Item:
+class _QueuedImage:
+    """One decoded image waiting for the model that decoded it, and its answer's future."""
+
     predictor: Predictor
     array: np.ndarray
     future: asyncio.Future[dict[str, Any]]
@@ -46,20 +44,22 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.wait = wait_ms / 1000.0
         self.queue_size = queue_size
-        self._queue: asyncio.Queue[_Item] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[_QueuedImage] | None = None
+        self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.batches = 0
         self.images = 0
 
     async def start(self) -> None:
+        """Start the worker (on the running event loop)."""
         self._queue = asyncio.Queue(maxsize=self.queue_size)
-        self._task = asyncio.create_task(self._run(), name="micro-batcher")
+        self._worker = asyncio.create_task(self._run_batches(), name="micro-batcher")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Stop the worker and the inference thread."""
+        if self._worker:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     def submit(self, predictor: Predictor, arrays: list[np.ndarray]) -> list[asyncio.Future]:
@@ -70,12 +70,13 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         futures = []
         for array in arrays:
-            item = _Item(predictor, array, loop.create_future())
-            self._queue.put_nowait(item)
-            futures.append(item.future)
+            queued = _QueuedImage(predictor, array, loop.create_future())
+            self._queue.put_nowait(queued)
+            futures.append(queued.future)
         return futures
 
-    async def _gather(self) -> list[_Item]:
+    async def _next_batch(self) -> list[_QueuedImage]:
+        """Wait for one image, then take more until ``max_batch`` or ``wait_ms`` is up."""
         assert self._queue is not None
         batch = [await self._queue.get()]
         loop = asyncio.get_running_loop()
@@ -93,29 +94,31 @@ class MicroBatcher:
                 break
         return batch
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _run_batches(self) -> None:
+        """The worker: each batch, split by model, in one call per model."""
         while True:
-            batch = await self._gather()
-            groups: dict[int, list[_Item]] = {}
-            for item in batch:
-                if not item.future.done():  # the client may have gone away
-                    groups.setdefault(id(item.predictor), []).append(item)
-            for items in groups.values():
-                predictor = items[0].predictor
-                stacked = np.stack([item.array for item in items])
-                try:
-                    probs = await loop.run_in_executor(
-                        self._executor, predictor.predict_arrays, stacked
-                    )
-                except Exception as exc:
-                    log.exception("inference failed on a batch of %d", len(items))
-                    for item in items:
-                        if not item.future.done():
-                            item.future.set_exception(exc)
-                    continue
-                self.batches += 1
-                self.images += len(items)
-                for item, row in zip(items, probs, strict=True):
-                    if not item.future.done():
-                        item.future.set_result(predictor.describe(row))
+            by_model: dict[int, list[_QueuedImage]] = {}
+            for queued in await self._next_batch():
+                if not queued.future.done():  # the client may have gone away
+                    by_model.setdefault(id(queued.predictor), []).append(queued)
+            for images in by_model.values():
+                await self._infer(images)
+
+    async def _infer(self, images: list[_QueuedImage]) -> None:
+        """Run images of one model in one call; settle each future with its answer."""
+        predictor = images[0].predictor
+        stacked = np.stack([queued.array for queued in images])
+        loop = asyncio.get_running_loop()
+        try:
+            probs = await loop.run_in_executor(self._executor, predictor.predict_arrays, stacked)
+        except Exception as exc:
+            log.exception("inference failed on a batch of %d", len(images))
+            for queued in images:
+                if not queued.future.done():
+                    queued.future.set_exception(exc)
+            return
+        self.batches += 1
+        self.images += len(images)
+        for queued, row in zip(images, probs, strict=True):
+            if not queued.future.done():
+                queued.future.set_result(predictor.describe(row))

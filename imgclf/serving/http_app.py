@@ -1,16 +1,20 @@
 """HTTP API (FastAPI): classify posted images, health, version, docs and the web page.
 
-Routes:
+Routes (bodies in :mod:`imgclf.serving.schemas`, all in ``/openapi.json``):
 
-- ``POST /predict``: one image as the raw body (``Content-Type: image/*`` or
-  ``application/octet-stream``), or ``multipart/form-data`` with one or more file parts.
-  Answers ``{"results": [{"name", "probabilities", "top_class", "top_probability",
-  "decision"} | {"name", "error"}], "model": {...}}``; 422 when no image could be decoded,
-  400 for an empty or malformed body, 413 over ``max_body_bytes``, 415 for other content
-  types, 503 when the queue is full or the model is not ready.
+- ``POST /predict``: ``multipart/form-data`` with one or more ``files`` parts, or one image
+  as the raw body (``Content-Type: image/*`` or ``application/octet-stream``; its name in
+  ``X-Filename``). Answers one result per image (probabilities, top class and thresholded
+  decision, or the reason it could not be decoded) and the bundle that answered; 422 when
+  no image could be decoded, 400 for an empty or malformed body, 413 over
+  ``max_body_bytes``, 415 for other content types, 503 when the queue is full or no model
+  is loaded.
 - ``GET /healthz`` (process alive), ``GET /readyz`` (model loaded and warmed),
   ``GET /version`` (model hashes, MLflow run id, class names), ``GET /`` (web page),
-  ``GET /docs`` and ``GET /openapi.json`` (FastAPI).
+  ``GET /docs`` and ``GET /openapi.json``.
+
+The app's lifespan owns the :class:`InferenceService` (loads the bundle, starts the
+batcher and the watcher; stops them); routes get it through ``Depends``.
 """
 
 from __future__ import annotations
@@ -18,28 +22,46 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, File, Header, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imgclf.serving.batching import NotReady, Overloaded
-from imgclf.serving.service import InferenceService
+from imgclf.serving.batching import Overloaded
+from imgclf.serving.predictor import Predictor
+from imgclf.serving.schemas import (
+    ErrorBody,
+    Health,
+    Loading,
+    ModelRef,
+    Prediction,
+    PredictionFailed,
+    Readiness,
+    VersionInfo,
+)
+from imgclf.serving.service import InferenceService, NamedImage, NotReady, ServiceConfig
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 RAW_TYPES = ("image/", "application/octet-stream")
+RETRY = {"Retry-After": "1"}
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one HTTP request may send."""
+
+    max_body_bytes: int
+    read_timeout: float
+    max_files: int
 
 
 class BodyLimit:
@@ -110,125 +132,171 @@ async def _reject(send: Send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _error(status: int, detail: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
+# ------------------------------------------------------------------ dependencies
+def app_service(app: FastAPI) -> InferenceService:
+    """The inference service the app's lifespan started."""
+    service: InferenceService = app.state.service
+    return service
 
 
-async def _images_from(request: Request, max_files: int) -> list[tuple[str, bytes]] | JSONResponse:
-    """The posted images as ``(name, bytes)``, or the 4xx response explaining why not."""
-    ctype = request.headers.get("content-type", "").lower()
+def get_service(request: Request) -> InferenceService:
+    """Dependency: the app's inference service."""
+    return app_service(request.app)
+
+
+Service = Annotated[InferenceService, Depends(get_service)]
+
+
+def ready_predictor(service: Service) -> Predictor:
+    """Dependency: the served predictor, or 503 while none is loaded."""
+    try:
+        return service.predictor
+    except NotReady as exc:
+        raise HTTPException(503, str(exc), headers=RETRY) from None
+
+
+async def posted_images(
+    request: Request,
+    files: Annotated[
+        list[UploadFile] | None, File(description="one or more images (multipart/form-data)")
+    ] = None,
+    content_type: Annotated[str, Header()] = "",
+    x_filename: Annotated[
+        str | None, Header(description="the raw body's file name, URL-encoded")
+    ] = None,
+) -> list[NamedImage]:
+    """Dependency: the posted images as ``(name, bytes)``, or the 4xx saying why not."""
+    ctype = content_type.lower()
     if ctype.startswith("multipart/form-data"):
-        try:
-            form = await request.form(max_files=max_files, max_fields=max_files)
-        except Exception as exc:  # malformed multipart, too many parts
-            return _error(400, f"malformed multipart body: {exc}")
-        images: list[tuple[str, bytes]] = []
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                images.append((value.filename or key, await value.read()))
-        await form.close()
-        if not images:
-            return _error(400, "multipart body has no file part")
-        return images
+        if not files:
+            raise HTTPException(400, "multipart body has no `files` part")
+        return [(upload.filename or "files", await upload.read()) for upload in files]
     if ctype and not ctype.startswith(RAW_TYPES):
-        return _error(415, f"send an image body or multipart/form-data, not {ctype}")
-    body = await request.body()
+        raise HTTPException(415, f"send an image body or multipart/form-data, not {ctype}")
+    body = await request.body()  # FastAPI has no parameter type for a raw binary body
     if not body:
-        return _error(400, "empty body: send the image bytes")
-    return [(unquote(request.headers.get("x-filename", "body")), body)]
+        raise HTTPException(400, "empty body: send the image bytes")
+    return [(unquote(x_filename or "body"), body)]
 
 
-PREDICT_BODY = {
+async def _bad_request(request: Request, exc: Exception) -> JSONResponse:
+    """A request FastAPI could not parse (e.g. a text field named ``files``): 400, one
+    line."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    said = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+    return JSONResponse({"detail": said or "bad request"}, status_code=400)
+
+
+# ------------------------------------------------------------------ routes
+router = APIRouter()
+
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorBody, "description": "no model loaded yet"}
+}
+PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "empty or malformed body, too many files"},
+    408: {"model": ErrorBody, "description": "the body stopped arriving"},
+    413: {"model": ErrorBody, "description": "body larger than max_body_bytes"},
+    415: {"model": ErrorBody, "description": "neither an image nor multipart/form-data"},
+    422: {"model": PredictionFailed, "description": "no posted image could be decoded"},
+    503: {"model": ErrorBody, "description": "queue full or no model loaded: retry"},
+}
+# the raw-body alternative to the multipart form FastAPI documents from ``files``
+RAW_IMAGE_BODY = {
     "requestBody": {
-        "required": True,
         "content": {
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
-                    },
-                }
-            },
-        },
+            media: {"schema": {"type": "string", "contentMediaType": media}}
+            for media in ("image/*", "application/octet-stream")
+        }
     }
 }
 
 
-def create_app(
-    service: InferenceService, max_body_bytes: int, read_timeout: float, max_files: int
-) -> Any:
-    """The FastAPI app wrapped in the body-limit middleware."""
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: a bundle loaded and warmed; last reload error",
+    response_model=Readiness,
+    responses={503: {"model": Loading, "description": "no model loaded yet"}},
+)
+async def readyz(service: Service) -> Readiness | JSONResponse:
+    if not service.ready:
+        return JSONResponse(Loading().model_dump(), status_code=503, headers=RETRY)
+    return Readiness(
+        bundle_md5=service.predictor.version["bundle_md5"],
+        reloads=service.reloads,
+        last_reload_error=service.last_reload_error,
+        batches=service.batcher.batches,
+        images=service.batcher.images,
+    )
+
+
+@router.get(
+    "/version",
+    summary="Served bundle: md5, DVC record, gate, metrics, MLflow run",
+    responses=NOT_READY,
+)
+async def version(
+    service: Service, predictor: Annotated[Predictor, Depends(ready_predictor)]
+) -> VersionInfo:
+    return VersionInfo(
+        **predictor.version,
+        loaded_at=predictor.loaded_at,
+        last_reload_error=service.last_reload_error,
+    )
+
+
+@router.post(
+    "/predict",
+    summary="Classify one image (raw body) or several (multipart `files` parts)",
+    response_model=Prediction,
+    responses=PREDICT_ERRORS,
+    openapi_extra=RAW_IMAGE_BODY,
+)
+async def predict(
+    images: Annotated[list[NamedImage], Depends(posted_images)], service: Service
+) -> Prediction | JSONResponse:
+    try:
+        results, predictor = await service.classify(images)
+    except (Overloaded, NotReady) as exc:
+        raise HTTPException(503, str(exc), headers=RETRY) from None
+    if all("error" in result for result in results):
+        detail = "; ".join(f"{result['name']}: {result['error']}" for result in results)
+        failed = PredictionFailed(detail=detail, results=results)
+        return JSONResponse(failed.model_dump(), status_code=422)
+    model = predictor.version
+    return Prediction(
+        results=results,
+        model=ModelRef(bundle_md5=model["bundle_md5"], mlflow_run_id=model["mlflow_run_id"]),
+    )
+
+
+def create_app(config: ServiceConfig, limits: HttpLimits) -> FastAPI:
+    """The HTTP app; its lifespan runs an :class:`InferenceService` for ``config``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with InferenceService(config) as service:
+            app.state.service = service
+            yield
+
     app = FastAPI(
         title="imgclf",
         summary="Image classification: probabilities, top class and thresholded decision.",
         version="0.1.0",
+        lifespan=lifespan,
+        form_limits={"max_files": limits.max_files, "max_fields": limits.max_files},
     )
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
-
-    @app.get("/healthz", summary="Liveness: the process answers")
-    async def healthz() -> dict[str, str]:
-        return {"status": "alive"}
-
-    @app.get("/readyz", summary="Readiness: a bundle loaded and warmed; last reload error")
-    async def readyz() -> JSONResponse:
-        if not service.ready:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        batcher = service.batcher
-        return JSONResponse(
-            {
-                "status": "ready",
-                "bundle_md5": service.predictor.version["bundle_md5"],
-                "reloads": service.reloads,
-                "last_reload_error": service.last_reload_error,
-                "batches": batcher.batches,
-                "images": batcher.images,
-            }
-        )
-
-    @app.get("/version", summary="Served bundle: md5, DVC record, gate, metrics, MLflow run")
-    async def version() -> JSONResponse:
-        if not service.ready:
-            return _error(503, "model not loaded yet")
-        predictor = service.predictor
-        return JSONResponse(
-            {
-                **predictor.version,
-                "loaded_at": predictor.loaded_at,
-                "last_reload_error": service.last_reload_error,
-            }
-        )
-
-    @app.post(
-        "/predict",
-        summary="Classify one image (raw body) or several (multipart file parts)",
-        openapi_extra=PREDICT_BODY,
-    )
-    async def predict(request: Request) -> JSONResponse:
-        images = await _images_from(request, max_files)
-        if isinstance(images, JSONResponse):
-            return images
-        try:
-            results, predictor = await service.classify(list(images))
-        except (Overloaded, NotReady) as exc:
-            return _error(503, str(exc), **{"Retry-After": "1"})
-        if all("error" in r for r in results):
-            detail = "; ".join(f"{r['name']}: {r['error']}" for r in results)
-            return JSONResponse({"detail": detail, "results": results}, status_code=422)
-        model = predictor.version
-        return JSONResponse(
-            {
-                "results": results,
-                "model": {
-                    "bundle_md5": model["bundle_md5"],
-                    "mlflow_run_id": model["mlflow_run_id"],
-                },
-            }
-        )
-
-    return BodyLimit(app, max_body_bytes, read_timeout)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, read_timeout=limits.read_timeout)
+    app.add_exception_handler(RequestValidationError, _bad_request)
+    app.include_router(router)
+    return app

@@ -5,7 +5,7 @@
 
 Prints the origin's JSON on stdout, ``{path: {class: probability}}``, plus top-level
 ``__decision__`` (``{path: decision at the stored threshold}``) and, when some files could
-not be decoded, ``__errors__`` (``{path: reason}``); see :mod:`serve.output`. ``--plain``
+not be decoded, ``__errors__`` (``{path: reason}``); see :mod:`imgclf.serving.output`. ``--plain``
 prints exactly the origin's shape. Folders run in batches with progress on stderr. Exit
 status: 0 when at least one file was classified (undecodable ones are listed under
 ``__errors__`` and logged), 1 when none could be, 2 when the source or the model is missing.
@@ -18,25 +18,20 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from imgclf.config import PATHS, setup_logging
+from imgclf.serving.listing import image_files
 from imgclf.serving.output import DECISION_KEY, ERRORS_KEY, origin_document
 from imgclf.serving.predictor import ModelLoadError, Predictor
 
-log = logging.getLogger("imgclf.serving.predict")
-
-
-def list_images(source: Path, recursive: bool) -> list[Path]:
-    """The file itself, or the regular files of a folder (sorted, hidden ones skipped)."""
-    if source.is_file():
-        return [source]
-    found = source.rglob("*") if recursive else source.iterdir()
-    return sorted(p for p in found if p.is_file() and not p.name.startswith("."))
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module's doc)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--image_source", "--image-source", required=True, type=Path)
     ap.add_argument("--recursive", action="store_true", help="also scan sub-folders")
@@ -51,26 +46,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def classify_with_progress(
+    predictor: Predictor, paths: list[Path], batch_size: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(path, answer)`` per file, with a progress bar on stderr for more than one."""
+    answers = []
+    with tqdm(total=len(paths), unit="img", disable=len(paths) < 2, file=sys.stderr) as bar:
+        for path, answer in predictor.predict_paths(paths, batch_size):
+            answers.append((str(path), answer))
+            bar.update()
+    return answers
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Classify ``--image_source`` and print the origin's JSON; the exit status as above."""
     args = parse_args(argv)
     setup_logging(args.log_level)
     source: Path = args.image_source
     if not source.exists():
         log.error("image source not found: %s", source)
         return 2
-    paths = list_images(source, args.recursive)
+    paths = image_files(source, args.recursive)
     try:
         predictor = Predictor.load(args.model)
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2
-    results = predictor.predict_paths(paths, args.batch_size)
-    with tqdm(total=len(paths), unit="img", disable=len(paths) < 2, file=sys.stderr) as bar:
-        answers = []
-        for path, answer in results:
-            answers.append((str(path), answer))
-            bar.update()
-    doc = origin_document(answers)
+    doc = origin_document(classify_with_progress(predictor, paths, args.batch_size))
     errors = doc.get(ERRORS_KEY, {})
     for path, reason in errors.items():
         log.warning("%s: %s", path, reason)

@@ -15,11 +15,10 @@ quality gate is refused.
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,23 @@ class OperatingPoint:
     threshold: float
     target_recall: float | None = None
 
+    @classmethod
+    def from_info(cls, point: dict[str, Any]) -> OperatingPoint:
+        """From a bundle's ``operating_point``."""
+        return cls(point["positive_class"], float(point["threshold"]), point.get("target_recall"))
+
+
+@dataclass(frozen=True)
+class BundleOrigin:
+    """Where a bundle came from: the fields of ``/version`` that are not in its bytes."""
+
+    source: str
+    dvc_lock: dict[str, Any] | None = None
+    registry: dict[str, Any] | None = None
+    mlflow_run_id: str | None = None
+    run_name: str | None = None
+    git_commit: str | None = None
+
 
 def is_uri(source: str | Path) -> bool:
     """True for an MLflow URI (``models:/name@alias``, ``models:/name/3``, ``runs:/id/path``)."""
@@ -60,82 +76,114 @@ def bundle_path(source: str | Path) -> Path:
     return path / BUNDLE_FILE if path.is_dir() else path
 
 
-def _registry_version(uri: str) -> dict[str, Any] | None:
-    """Name, version and run of a registered model URI (informative only)."""
-    if not uri.startswith("models:/"):
-        return None
-    try:
-        from mlflow import MlflowClient
-
-        name, _, ref = uri.removeprefix("models:/").partition("/")
-        name, _, alias = name.partition("@")
-        client = MlflowClient()
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, ref)
+# ------------------------------------------------------------------ a bundle file
+def _read_file(path: Path) -> tuple[Bundle, BundleOrigin]:
+    """A bundle file, with the run facts ``promote`` wrote beside it and its ``dvc.lock``
+    record."""
+    if not path.is_file():
+        raise ModelLoadError(
+            f"no model bundle at {shown_path(path)}: run `dvc repro` (a model is "
+            "served only once promote has passed its quality gate)"
         )
-        run = client.get_run(mv.run_id)
-        return {
-            "name": name, "version": str(mv.version), "alias": alias or None,
-            "run_id": mv.run_id, "run_name": run.info.run_name,
-            "git_commit": run.data.tags.get("git_commit"),
-        }  # fmt: skip
+    bundle = Bundle.read(path)
+    facts = read_run_facts(path, bundle.md5)
+    origin = BundleOrigin(
+        source=shown_path(path),
+        dvc_lock=dvc_lock_record(path, bundle.md5),
+        mlflow_run_id=facts.get("mlflow_run_id"),
+        run_name=facts.get("run_name"),
+        git_commit=facts.get("git_commit"),
+    )
+    return bundle, origin
+
+
+# ------------------------------------------------------------------ an MLflow URI
+def _download(uri: str) -> Bundle:
+    """The bundle among the artifacts behind ``uri``."""
+    import mlflow  # slow import: only when a URI is used
+
+    with tempfile.TemporaryDirectory(prefix="imgclf-bundle-") as tmp:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        found = [got] if got.is_file() else sorted(got.rglob(BUNDLE_FILE))
+        if not found:
+            raise ModelLoadError(f"{uri} holds no {BUNDLE_FILE}")
+        return Bundle.read(found[0])
+
+
+def _registry_origin(uri: str) -> BundleOrigin:
+    """Name, version and alias of a registered model URI, and its run's facts."""
+    from mlflow import MlflowClient
+
+    name, _, ref = uri.removeprefix("models:/").partition("/")
+    name, _, alias = name.partition("@")
+    client = MlflowClient()
+    if alias:
+        model_version = client.get_model_version_by_alias(name, alias)
+    else:
+        model_version = client.get_model_version(name, ref)
+    run = client.get_run(model_version.run_id)
+    return BundleOrigin(
+        source=uri,
+        registry={"name": name, "version": str(model_version.version), "alias": alias or None},
+        mlflow_run_id=model_version.run_id,
+        run_name=run.info.run_name,
+        git_commit=run.data.tags.get("git_commit"),
+    )
+
+
+def _uri_origin(uri: str) -> BundleOrigin:
+    """What the registry says about ``uri`` (informative only: a failed look-up is logged
+    and leaves the fields empty)."""
+    if not uri.startswith("models:/"):
+        return BundleOrigin(source=uri)
+    try:
+        return _registry_origin(uri)
     except Exception as exc:
         log.warning("cannot look up %s in the registry: %s", uri, exc)
-        return None
+        return BundleOrigin(source=uri)
 
 
-def run_fields(path: Path, md5: str) -> dict[str, Any]:
-    """``/version``'s run fields from the facts ``promote`` wrote beside the bundle."""
-    facts = read_run_facts(path, md5)
-    return {k: facts.get(k) for k in ("mlflow_run_id", "run_name", "git_commit")}
+def _read_uri(uri: str) -> tuple[Bundle, BundleOrigin]:
+    return _download(uri), _uri_origin(uri)
 
 
-def read_source(source: str | Path) -> tuple[Bundle, dict[str, Any]]:
-    """The bundle behind ``source`` and where it came from (``/version``'s fields)."""
-    # errors name the source as /version does (they reach last_reload_error): never an
-    # absolute server path
+def read_source(source: str | Path) -> tuple[Bundle, BundleOrigin]:
+    """The bundle behind ``source`` (a file, a folder holding one, an MLflow URI) and where
+    it came from; any failure is a :class:`ModelLoadError` naming the source as ``/version``
+    does (never an absolute server path: the message reaches ``last_reload_error``)."""
     label = str(source) if is_uri(source) else shown_path(bundle_path(source))
     try:
-        if not is_uri(source):
-            path = bundle_path(source)
-            if not path.is_file():
-                raise ModelLoadError(
-                    f"no model bundle at {shown_path(path)}: run `dvc repro` (a model is "
-                    "served only once promote has passed its quality gate)"
-                )
-            bundle = Bundle.read(path)
-            origin = {"source": shown_path(path), "dvc_lock": dvc_lock_record(path)}
-            return bundle, {**origin, "registry": None, **run_fields(path, bundle.md5)}
-        import mlflow  # slow import: only when a URI is used
-
-        tmp = Path(tempfile.mkdtemp(prefix="imgclf-bundle-"))
-        try:
-            got = Path(
-                mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=str(tmp))
-            )
-            found = [got] if got.is_file() else sorted(got.rglob(BUNDLE_FILE))
-            if not found:
-                raise ModelLoadError(f"{source} holds no {BUNDLE_FILE}")
-            bundle = Bundle.read(found[0])
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        # the same keys for every source: /version's shape does not depend on where from
-        origin = {"source": str(source), "dvc_lock": None}
-        registry = _registry_version(str(source)) or {}
-        run = {
-            "mlflow_run_id": registry.pop("run_id", None),
-            "run_name": registry.pop("run_name", None),
-            "git_commit": registry.pop("git_commit", None),
-        }
-        return bundle, {**origin, "registry": registry or None, **run}
+        return _read_uri(str(source)) if is_uri(source) else _read_file(bundle_path(source))
     except BundleError as exc:
         raise ModelLoadError(f"{label}: {exc}") from None
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load {label}: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_options(info: dict[str, Any], max_pixels: int | None) -> DecodeOptions:
+    """The bundle's decode settings, its pixel limit tightened (never loosened) to
+    ``max_pixels``."""
+    options = DecodeOptions.from_dict(info["decode"])
+    if max_pixels:
+        options = replace(options, max_pixels=min(options.max_pixels, int(max_pixels)))
+    return options
+
+
+def _version(bundle: Bundle, origin: BundleOrigin, point: OperatingPoint) -> dict[str, Any]:
+    """``/version``'s description of a loaded bundle."""
+    info = bundle.info
+    return {
+        **asdict(origin),
+        "bundle_md5": bundle.md5,
+        "class_names": bundle.class_names,
+        "image_size": int(info["decode"]["size"]),
+        "operating_point": {"positive_class": point.positive_class, "threshold": point.threshold},
+        "gate": info["gate"],
+        "metrics": info.get("metrics"),
+        "data_hash": info.get("data_hash"),
+    }
 
 
 @dataclass
@@ -158,39 +206,22 @@ class Predictor:
         ``max_pixels`` tightens (never loosens) the bundle's own decoded-pixel limit.
         """
         bundle, origin = read_source(source or PATHS.bundle)
-        info = bundle.info
-        options = DecodeOptions.from_dict(info["decode"])
-        if max_pixels:
-            options = replace(options, max_pixels=min(options.max_pixels, int(max_pixels)))
-        op = info["operating_point"]
-        class_names = tuple(bundle.class_names)
-        infer = _compile(bundle.model_bytes, options.size, len(class_names))
-        version = {
-            **origin,
-            "bundle_md5": bundle.md5,
-            "class_names": list(class_names),
-            "image_size": options.size,
-            "operating_point": {k: op[k] for k in ("positive_class", "threshold")},
-            "gate": info["gate"],
-            "metrics": info.get("metrics"),
-            "data_hash": info.get("data_hash"),
-        }
-        lock = origin.get("dvc_lock")
-        if lock:
-            lock["matches"] = lock["md5"] == bundle.md5
+        decode = _decode_options(bundle.info, max_pixels)
+        point = OperatingPoint.from_info(bundle.info["operating_point"])
+        predictor = cls(
+            class_names=tuple(bundle.class_names),
+            decode=decode,
+            operating_point=point,
+            info=bundle.info,
+            version=_version(bundle, origin, point),
+            _infer=_compile(bundle.model_bytes, decode.size, len(bundle.class_names)),
+        )
         log.info(
             "loaded bundle %s (md5 %s, %d classes, %dpx, %s >= %s)",
-            origin["source"], bundle.md5, len(class_names), options.size,
-            op["positive_class"], op["threshold"],
+            origin.source, bundle.md5, len(predictor.class_names), decode.size,
+            point.positive_class, point.threshold,
         )  # fmt: skip
-        return cls(
-            class_names,
-            options,
-            OperatingPoint(op["positive_class"], float(op["threshold"]), op.get("target_recall")),
-            info,
-            version,
-            infer,
-        )
+        return predictor
 
     def warm(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run the compiled call once per batch size so the first request pays nothing."""
@@ -249,23 +280,25 @@ class Predictor:
                 yield path, answers.get(i) or self.describe(next(probs))
 
 
-def _compile(model_bytes: bytes, size: int, n_classes: int) -> Any:
-    """Load the Keras model from its bytes and wrap it in a ``tf.function`` with a fixed
-    signature."""
+def _load_keras(model_bytes: bytes) -> Any:
+    """The Keras model stored in a bundle (loaded from a temporary file Keras needs)."""
     import_tensorflow()
     import keras
-    import tensorflow as tf
 
     with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
-        path = Path(tmp) / "model.keras"
+        path = Path(tmp) / MODEL_ENTRY
         path.write_bytes(model_bytes)
         try:
-            model = keras.models.load_model(path, compile=False)
+            return keras.models.load_model(path, compile=False)
         except Exception as exc:  # Keras names the temporary file: keep it out
             said = str(exc).replace(str(path), MODEL_ENTRY).replace(tmp, "")
             raise ModelLoadError(
                 f"cannot load the bundle's model ({type(exc).__name__}: {said})"
             ) from exc
+
+
+def _check_shapes(model: Any, size: int, n_classes: int) -> None:
+    """The model must take ``size`` x ``size`` RGB pixels and output one value per class."""
     shape = tuple(model.input_shape)
     if shape[1:] != (size, size, 3):
         raise ModelLoadError(f"the bundle's model takes {shape[1:]}, its info says {size}x{size}x3")
@@ -273,6 +306,13 @@ def _compile(model_bytes: bytes, size: int, n_classes: int) -> Any:
         raise ModelLoadError(
             f"the bundle's model outputs {model.output_shape[-1]} values for {n_classes} classes"
         )
+
+
+def _compile(model_bytes: bytes, size: int, n_classes: int) -> Any:
+    """The bundle's model behind a ``tf.function`` with one fixed input signature."""
+    model = _load_keras(model_bytes)
+    _check_shapes(model, size, n_classes)
+    import tensorflow as tf
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     def infer(x: tf.Tensor) -> tf.Tensor:

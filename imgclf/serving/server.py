@@ -5,7 +5,8 @@ by the same schema as the pipeline's params; every key has a ``--flag`` that ove
 The promoted bundle (``models/bundle.zip``) is loaded and warmed once at start-up;
 ``kill -HUP <pid>`` or a new bundle on disk (``promote`` passing its gate, ``dvc checkout``)
 loads and warms the new one, then swaps it in without failing requests in flight. A reload
-that fails keeps the old bundle and shows in ``/readyz`` and ``/version``.
+that fails keeps the old bundle and shows in ``/readyz`` and ``/version``. SIGTERM or
+SIGINT stops accepting, lets requests in flight finish, then stops the watcher and exits 0.
 """
 
 from __future__ import annotations
@@ -13,59 +14,67 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from imgclf.config import PATHS, load_serve, setup_logging, stage_main
+from imgclf.files import write_json
 from imgclf.params import ServeSettings, validate
-from imgclf.serving.http_app import create_app
+from imgclf.serving.http_app import HttpLimits, app_service, create_app
+from imgclf.serving.predictor import ModelLoadError
 from imgclf.serving.service import InferenceService, ServiceConfig
 from imgclf.serving.tcp import TcpServer
 
-log = logging.getLogger("imgclf.serving.server")
+log = logging.getLogger(__name__)
+
+LIST_FLAGS = {"scan_roots": "--scan-root"}  # list settings: one repeatable flag per item
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Flags: one per ``serve.yaml`` key (``--http-port`` for ``http_port``), defaulting to
-    the file's value; the merged settings are checked by the schema again."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--settings", type=Path, default=PATHS.serve_settings, help="serve.yaml")
-    known, _ = pre.parse_known_args(argv)
-    settings = load_serve(known.settings)
-    ap = argparse.ArgumentParser(description=__doc__, parents=[pre])
+def _flag(name: str) -> str:
+    return LIST_FLAGS.get(name, f"--{name.replace('_', '-')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``--settings`` and one flag per :class:`ServeSettings` field
+    (``--http-port`` for ``http_port``), each overriding ``serve.yaml`` when given."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--settings", type=Path, default=PATHS.serve_settings, help="serve.yaml")
     ap.add_argument(
         "--model",
         default=str(PATHS.bundle.relative_to(PATHS.root)),
         help="bundle file (or a folder holding bundle.zip), or an MLflow URI such as "
         "models:/imgclf@champion",
     )
+    overrides = ap.add_argument_group("serve.yaml overrides (default: the file's value)")
     for name, spec in ServeSettings.model_fields.items():
-        default = getattr(settings, name)
-        if name == "scan_roots":
-            ap.add_argument(
-                "--scan-root", dest=name, action="append", default=None,
-                help=f"folder TCP clients may scan, repeatable (default {default})",
-            )  # fmt: skip
+        if name in LIST_FLAGS:
+            overrides.add_argument(_flag(name), dest=name, action="append", help="repeatable")
         else:
             kind = spec.annotation if spec.annotation in (int, float) else str
-            ap.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default)
+            overrides.add_argument(_flag(name), dest=name, type=kind)
     ap.add_argument("--ports-file", type=Path, default=None, help="write bound ports as JSON")
     ap.add_argument("--access-log", action="store_true")
     ap.add_argument("--log-level", default="INFO")
-    args = ap.parse_args(argv)
-    merged = {name: getattr(args, name) for name in ServeSettings.model_fields}
-    merged["scan_roots"] = merged["scan_roots"] or settings.scan_roots
-    args.settings = validate(merged, ServeSettings, f"{known.settings.name} with flags")
-    args.scan_roots = [
-        p if p.is_absolute() else PATHS.root / p for p in map(Path, args.settings.scan_roots)
-    ]
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed flags; ``settings`` is ``serve.yaml`` with the given flags applied and checked
+    by the schema again, ``scan_roots`` its roots made absolute (against the project)."""
+    args = build_parser().parse_args(argv)
+    from_file = load_serve(args.settings)
+    given = {name: getattr(args, name) for name in ServeSettings.model_fields}
+    merged = from_file.model_dump() | {k: v for k, v in given.items() if v is not None}
+    args.settings = validate(merged, ServeSettings, f"{args.settings.name} with flags")
+    args.scan_roots = [PATHS.root / p for p in map(Path, args.settings.scan_roots)]
     return args
 
 
@@ -81,80 +90,78 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def run(args: argparse.Namespace) -> None:
-    """Load the model, then serve HTTP and TCP until SIGINT/SIGTERM."""
-    s: ServeSettings = args.settings
-    service = InferenceService(
-        ServiceConfig(
-            source=args.model,
-            max_batch=s.max_batch,
-            batch_wait_ms=s.batch_wait_ms,
-            queue_size=s.queue_size,
-            decode_workers=s.decode_workers,
-            reload_poll_seconds=s.reload_poll_seconds,
-            max_pixels=s.max_pixels,
-        )
-    )
-    await service.start()
-    tcp = TcpServer(service, args.scan_roots, s.tcp_idle_timeout, s.tcp_max_clients)
-    tcp_server = await tcp.start(s.host, s.tcp_port)
-    http_sock = _listen(s.host, s.http_port)
-    app = create_app(service, s.max_body_bytes, s.read_timeout, s.max_files)
-    config = uvicorn.Config(
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling: :func:`_signals` routes SIGINT/SIGTERM to
+    :meth:`handle_exit`. (uvicorn's would re-raise the signal once it has stopped, ending
+    the process before the TCP server, the watcher and the batcher are stopped.)"""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _signals(http: _HttpServer, service: InferenceService) -> Iterator[None]:
+    """SIGTERM/SIGINT stop the HTTP server (then everything else); SIGHUP reloads."""
+    loop = asyncio.get_running_loop()
+    stops = (signal.SIGTERM, signal.SIGINT)
+    for sig in stops:
+        loop.add_signal_handler(sig, http.handle_exit, sig, None)
+    loop.add_signal_handler(signal.SIGHUP, service.request_reload, "SIGHUP")
+    try:
+        yield
+    finally:
+        for sig in (*stops, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+def _uvicorn_config(app: Any, settings: ServeSettings, access_log: bool) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
+        lifespan="off",  # run by serve(), so a bundle that fails to load is one clear error
         log_config=None,
-        access_log=args.access_log,
-        limit_concurrency=s.http_max_connections,
+        access_log=access_log,
+        limit_concurrency=settings.http_max_connections,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=10,
     )
-    http = uvicorn.Server(config)
-    loop = asyncio.get_running_loop()
-    reloads: set[asyncio.Task] = set()
 
-    def on_sighup() -> None:
-        task = loop.create_task(service.reload("SIGHUP"))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    watcher = loop.create_task(service.watch(), name="model-watcher")
-    ports = {
-        "http": http_sock.getsockname()[1],
-        "tcp": tcp_server.sockets[0].getsockname()[1],
-        "pid": os.getpid(),
-    }
-    log.info(
-        "serving HTTP on http://%s:%d and TCP on %s:%d (scan roots: %s)",
-        s.host,
-        ports["http"],
-        s.host,
-        ports["tcp"],
-        ", ".join(map(str, args.scan_roots)),
+async def serve(args: argparse.Namespace) -> None:
+    """Load the model, then serve HTTP and TCP until SIGINT/SIGTERM."""
+    s: ServeSettings = args.settings
+    app = create_app(
+        ServiceConfig.from_settings(args.model, s),
+        HttpLimits(s.max_body_bytes, s.read_timeout, s.max_files),
     )
-    if args.ports_file:
-        tmp = args.ports_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(ports), encoding="utf-8")
-        tmp.replace(args.ports_file)
-    try:
-        await http.serve(sockets=[http_sock])
-    finally:
-        watcher.cancel()
-        tcp_server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(tcp_server.wait_closed(), 2)
-        await service.stop()
-        log.info("stopped")
+    async with app.router.lifespan_context(app):  # the model is loaded here
+        service = app_service(app)
+        tcp = TcpServer(service, args.scan_roots, s.tcp_idle_timeout, s.tcp_max_clients)
+        async with tcp.listening(s.host, s.tcp_port) as tcp_server:
+            http_sock = _listen(s.host, s.http_port)
+            http = _HttpServer(_uvicorn_config(app, s, args.access_log))
+            ports = {
+                "http": http_sock.getsockname()[1],
+                "tcp": tcp_server.sockets[0].getsockname()[1],
+                "pid": os.getpid(),
+            }
+            log.info(
+                "serving HTTP on http://%s:%d and TCP on %s:%d (scan roots: %s)",
+                s.host, ports["http"], s.host, ports["tcp"], ", ".join(map(str, args.scan_roots)),
+            )  # fmt: skip
+            if args.ports_file:
+                write_json(args.ports_file, ports)
+            with _signals(http, service):
+                await http.serve(sockets=[http_sock])
+    log.info("stopped")
 
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
+    """``python serve/server.py``: 0 after SIGTERM/SIGINT, 2 when it cannot start."""
     args = parse_args(argv)
     setup_logging(args.log_level)
-    from imgclf.serving.predictor import ModelLoadError
-
     try:
-        asyncio.run(run(args))
+        asyncio.run(serve(args))
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2

@@ -21,16 +21,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from imgclf.config import PATHS
-from imgclf.serving.batching import NotReady, Overloaded
+from imgclf.serving.batching import Overloaded
+from imgclf.serving.listing import image_files
 from imgclf.serving.output import TIME_KEY, origin_document
-from imgclf.serving.service import InferenceService
+from imgclf.serving.service import InferenceService, NotReady
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,18 @@ GREETING = b"\n\nWelcome! Enter image path to scan\n"
 PROMPT = b"# Path: "
 TELNET_COMMANDS = re.compile(rb"\xff[\xfb-\xfe].|\xff[\xf0-\xfa]", re.DOTALL)
 MAX_LINE = 4096
+ESCAPED = {"error": "symlink outside the scan roots"}
+
+Entry = tuple[str, Path | None]  # the name to answer under; the real file, None if refused
 
 
 class PathRefused(ValueError):
     """A path the client may not scan; the message is shown to the client."""
+
+
+def within(real: Path, roots: Sequence[Path]) -> bool:
+    """Whether a resolved path lies in one of the (resolved) ``roots``."""
+    return any(real.is_relative_to(root) for root in roots)
 
 
 def confine(text: str, roots: Sequence[Path], base: Path = PATHS.root) -> Path:
@@ -54,24 +64,11 @@ def confine(text: str, roots: Sequence[Path], base: Path = PATHS.root) -> Path:
     if ".." in Path(text).parts:
         raise PathRefused("'..' is not allowed in paths")
     real = (base / Path(text).expanduser()).resolve()  # follows symlinks, even dangling
-    if not any(real.is_relative_to(root) for root in roots):
+    if not within(real, roots):
         raise PathRefused(f"outside the scan roots: {text}")
     if not real.exists():
         raise PathRefused(f"no such file or directory: {text}")
     return real
-
-
-def folder_files(folder: Path, roots: Sequence[Path]) -> list[tuple[str, Path | None]]:
-    """Regular files directly in ``folder`` (sorted); escaping symlinks map to ``None``."""
-    out: list[tuple[str, Path | None]] = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        real = Path(entry.path).resolve()
-        inside = any(real.is_relative_to(root) for root in roots)
-        if inside and real.is_file():
-            out.append((entry.name, real))
-        elif not inside:
-            out.append((entry.name, None))
-    return out
 
 
 class TcpServer:
@@ -90,6 +87,19 @@ class TcpServer:
         self.max_clients = max_clients
         self.clients = 0
 
+    @asynccontextmanager
+    async def listening(self, host: str, port: int) -> AsyncIterator[asyncio.Server]:
+        """Accept clients on ``host:port`` until the block ends."""
+        server = await asyncio.start_server(self.handle, host, port, limit=MAX_LINE)
+        try:
+            yield server
+        finally:
+            server.close()
+            try:
+                await asyncio.wait_for(server.wait_closed(), 2)
+            except TimeoutError:
+                log.warning("tcp clients still connected at shutdown")
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One client session: greet, then answer one path per line until EOF."""
         peer = writer.get_extra_info("peername")
@@ -101,24 +111,27 @@ class TcpServer:
         log.info("tcp client %s connected", peer)
         try:
             writer.write(GREETING)
-            while True:
-                writer.write(PROMPT)
-                await writer.drain()
-                line = await self._read_line(reader, writer)
-                if line is None:
-                    break
-                if not line:
-                    continue
-                if line.lower() in ("quit", "exit"):
-                    writer.write(b"> Bye\n")
-                    break
-                writer.write(await self.answer(line))
+            await self._converse(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             self.clients -= 1
             await _close(writer)
             log.info("tcp client %s gone", peer)
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Prompt, read a line, reply; until EOF, idle timeout, ``quit`` or ``exit``."""
+        while True:
+            writer.write(PROMPT)
+            await writer.drain()
+            line = await self._read_line(reader, writer)
+            if line is None:
+                return
+            if line.lower() in ("quit", "exit"):
+                writer.write(b"> Bye\n")
+                return
+            if line:
+                writer.write(await self.reply(line))
 
     async def _read_line(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -144,21 +157,12 @@ class TcpServer:
                 writer.write(b"> Error: path is not valid UTF-8\n")
                 writer.write(PROMPT)
 
-    async def answer(self, text: str) -> bytes:
+    async def reply(self, text: str) -> bytes:
         """The full reply to one path line."""
         head = f"> Scanning: {text}\n"
         start = time.perf_counter()
         try:
-            path = confine(text, self.roots)
-            if path.is_dir():
-                entries = folder_files(path, self.roots)
-                prefix = text.rstrip("/")
-                items = [(f"{prefix}/{name}", real) for name, real in entries]
-            elif path.is_file():
-                items = [(text, path)]
-            else:
-                raise PathRefused(f"not a file or folder: {text}")
-            answers = await self._classify(items)
+            answers = await self._classify_all(self._entries(text))
         except PathRefused as exc:
             return f"{head}> Error: {exc}\n".encode()
         except (Overloaded, NotReady) as exc:
@@ -173,21 +177,32 @@ class TcpServer:
         body = json.dumps(doc, indent=2)
         return f"{head}> Result for : {text}\n\n{body}\n\n".encode()
 
-    async def _classify(self, items: list[tuple[str, Path | None]]) -> list[tuple[str, dict]]:
-        refused = {key for key, real in items if real is None}
-        todo = [(key, real) for key, real in items if real is not None]
-        step = self.service.batcher.max_batch
-        escaped = {"error": "symlink outside the scan roots"}
-        answers: dict[str, dict] = dict.fromkeys(refused, escaped)
-        for start in range(0, len(todo), step):
-            chunk = todo[start : start + step]
-            results, _ = await self.service.classify(list(chunk))
-            for (key, _), res in zip(chunk, results, strict=True):
-                answers[key] = res
-        return [(key, answers[key]) for key, _ in items]
+    def _entries(self, text: str) -> list[Entry]:
+        """What a path line names: the file, or the images directly in the folder (those
+        whose symlinks escape the scan roots refused)."""
+        path = confine(text, self.roots)
+        if path.is_file():
+            return [(text, path)]
+        if not path.is_dir():
+            raise PathRefused(f"not a file or folder: {text}")
+        prefix = text.rstrip("/")
+        return [(f"{prefix}/{file.name}", self._inside(file)) for file in image_files(path)]
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        return await asyncio.start_server(self.handle, host, port, limit=MAX_LINE)
+    def _inside(self, path: Path) -> Path | None:
+        """The real file behind ``path``; None when it lies outside the scan roots."""
+        real = path.resolve()
+        return real if within(real, self.roots) else None
+
+    async def _classify_all(self, entries: list[Entry]) -> list[tuple[str, dict[str, Any]]]:
+        """Answers in ``entries``' order, classified ``max_batch`` at a time (so a big
+        folder never asks for more than the admission limit at once)."""
+        answers: dict[str, dict[str, Any]] = {name: ESCAPED for name, real in entries if not real}
+        allowed = [(name, real) for name, real in entries if real is not None]
+        step = self.service.batcher.max_batch
+        for start in range(0, len(allowed), step):
+            results, _ = await self.service.classify(allowed[start : start + step])
+            answers.update((result["name"], result) for result in results)
+        return [(name, answers[name]) for name, _ in entries]
 
 
 async def _discard_line(reader: asyncio.StreamReader) -> None:

@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from imgclf.bundle import FORMAT, INFO_ENTRY, MODEL_ENTRY, run_facts_path, write_bundle
-from imgclf.imaging import DecodeOptions
+from imgclf.bundle import FORMAT, INFO_ENTRY, MODEL_ENTRY, write_bundle, write_run_facts
+from imgclf.files import file_md5, write_bytes
+from imgclf.testing.images import preprocess_options
 
 BUNDLE_NAME = "bundle.zip"
 GATE = {"metric": "macro_f1", "min_value": 0.5, "value": 0.75, "passed": True}
@@ -50,7 +50,7 @@ def bundle_info(
     return {
         "class_names": list(class_names),
         "image_size": size,
-        "decode": DecodeOptions(size=size).to_dict(),
+        "decode": preprocess_options(size=size).to_dict(),
         "backbone": "tiny-test",
         "operating_point": {
             "positive_class": positive_class or class_names[-1],
@@ -117,21 +117,14 @@ def make_bundle(
             write_bundle(path, model, info)
         else:
             write_raw_bundle(path, info, model.read_bytes())
-    facts["bundle_md5"] = md5(path)
-    run_facts_path(path).write_text(json.dumps(facts), encoding="utf-8")
+    write_run_facts(path, {**facts, "bundle_md5": file_md5(path)})
     return path
 
 
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
-
-
 def replace_atomically(src: Path, dest: Path) -> None:
-    """Copy ``src`` to a temporary name beside ``dest``, then rename it over ``dest`` (as
-    ``promote`` and ``dvc checkout`` replace a file: a reader never sees half of it)."""
-    tmp = dest.with_name(f".{dest.name}.incoming")
-    tmp.write_bytes(src.read_bytes())
-    tmp.replace(dest)
+    """Copy ``src`` over ``dest`` through a temporary file renamed over it (as ``promote``
+    and ``dvc checkout`` replace a file: a reader never sees half of it)."""
+    write_bytes(dest, src.read_bytes())
 
 
 def string_values(value: Any) -> list[str]:

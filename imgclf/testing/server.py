@@ -7,11 +7,28 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 from imgclf.testing.project import SOURCE
+
+T = TypeVar("T")
+
+
+def poll(check: Callable[[], T], timeout: float, interval: float = 0.1) -> T | None:
+    """``check()``'s first truthy result, tried every ``interval`` seconds for up to
+    ``timeout`` seconds; None when it never came."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(interval)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20) -> int:
@@ -53,47 +70,36 @@ class ServerProcess:
         self.ports_file = tmp / "ports.json"
         self.log_file = tmp / "server.log"
         cmd = [
-            sys.executable,
-            "serve/server.py",
-            "--model",
-            str(bundle),
-            "--http-port",
-            "0",
-            "--tcp-port",
-            "0",
-            "--ports-file",
-            str(self.ports_file),
+            *(sys.executable, "serve/server.py", "--model", str(bundle)),
+            *("--http-port", "0", "--tcp-port", "0", "--ports-file", str(self.ports_file)),
             *extra,
         ]
         self._log = self.log_file.open("wb")
         self.proc = subprocess.Popen(
             cmd, cwd=cwd, stdout=self._log, stderr=self._log, env=server_env()
         )
-        self.http_port, self.tcp_port = self._wait_ports(timeout=90)
+        ports = poll(self._ports, timeout=90)
+        if ports is None:
+            raise TimeoutError(f"server did not start:\n{self.log()}")
+        self.http_port, self.tcp_port = ports
         self.url = f"http://127.0.0.1:{self.http_port}"
-        self._wait_ready(timeout=30)
+        if not poll(self._ready, timeout=30):
+            raise TimeoutError(f"server not ready:\n{self.log()}")
 
-    def _wait_ports(self, timeout: float) -> tuple[int, int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
-            if self.ports_file.is_file():
-                ports = json.loads(self.ports_file.read_text())
-                return ports["http"], ports["tcp"]
-            time.sleep(0.1)
-        raise TimeoutError(f"server did not start:\n{self.log()}")
+    def _ports(self) -> tuple[int, int] | None:
+        """The bound (HTTP, TCP) ports once the server wrote them."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
+        if not self.ports_file.is_file():
+            return None
+        ports = json.loads(self.ports_file.read_text())
+        return ports["http"], ports["tcp"]
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready:\n{self.log()}")
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
 
     def log(self) -> str:
         """What the server wrote so far."""
@@ -104,7 +110,7 @@ class ServerProcess:
         self.proc.send_signal(sig)
 
     def stop(self) -> int:
-        """SIGTERM the server; its exit code."""
+        """SIGTERM the server; its exit code (0: it shut down cleanly)."""
         code = stop_process(self.proc)
         self._log.close()
         return code

@@ -11,9 +11,10 @@ import time
 import httpx
 import pytest
 
+from imgclf.files import file_md5
 from imgclf.testing import images as f
-from imgclf.testing.bundles import make_bundle, md5, replace_atomically, string_values
-from imgclf.testing.server import ServerProcess, run_server_cli
+from imgclf.testing.bundles import make_bundle, replace_atomically, string_values
+from imgclf.testing.server import ServerProcess, poll, run_server_cli
 
 OLD = ("safe", "sensitive")
 NEW = ("cat", "dog", "fox")
@@ -28,7 +29,7 @@ def setup(tmp_path_factory):
     )
     srv = ServerProcess(tmp, live, "--reload-poll-seconds", "0.3", "--batch-wait-ms", "5")
     yield srv, live, staged
-    srv.stop()
+    assert srv.stop() == 0, srv.log()
 
 
 class Load:
@@ -73,14 +74,16 @@ def _get(url: str, route: str) -> dict:
 
 
 def _wait(url: str, route: str, done, what: str, timeout: float = 30) -> dict:
-    """Poll ``route`` until ``done(json)``; its last answer."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Poll ``route`` until ``done(json)``; that answer."""
+
+    def answered() -> dict | None:
         answer = _get(url, route)
-        if done(answer):
-            return answer
-        time.sleep(0.1)
-    raise TimeoutError(f"{what}; last {route}: {answer}")
+        return answer if done(answer) else None
+
+    answer = poll(answered, timeout)
+    if answer is None:
+        raise TimeoutError(f"{what}; last {route}: {_get(url, route)}")
+    return answer
 
 
 def _predict_md5(url: str) -> str:
@@ -97,7 +100,7 @@ def _no_absolute_paths(doc: dict) -> None:
 def test_file_change_and_sighup_reload_without_failures(setup):
     srv, live, staged = setup
     before = _get(srv.url, "/version")
-    assert before["class_names"] == list(OLD) and before["bundle_md5"] == md5(live)
+    assert before["class_names"] == list(OLD) and before["bundle_md5"] == file_md5(live)
     with Load(srv.url) as load:
         time.sleep(1.0)
         # as promote (or `dvc checkout`) does: a new bundle under a temporary name, renamed
@@ -115,13 +118,13 @@ def test_file_change_and_sighup_reload_without_failures(setup):
         _wait(srv.url, "/readyz", lambda r: r["reloads"] == reloads + 1, "SIGHUP did not reload")
         time.sleep(1.0)
 
-    assert after["bundle_md5"] == md5(staged)
+    assert after["bundle_md5"] == file_md5(staged)
     assert after["class_names"] == list(NEW)
     assert after["image_size"] == 24
     assert after["operating_point"] == {"positive_class": "dog", "threshold": 0.5}
     assert after["last_reload_error"] is None
     ready = _get(srv.url, "/readyz")
-    assert ready["bundle_md5"] == md5(staged) and ready["last_reload_error"] is None
+    assert ready["bundle_md5"] == file_md5(staged) and ready["last_reload_error"] is None
     failures = [o for o in load.outcomes if o[0] != 200]
     assert not failures, failures[:5]
     seen = [o[1] for o in load.outcomes]
@@ -135,7 +138,7 @@ def test_file_change_and_sighup_reload_without_failures(setup):
 def test_broken_bundle_keeps_the_old_one_and_shows_the_error(setup, tmp_path):
     srv, live, _ = setup
     good = live.read_bytes()
-    old_md5 = md5(live)
+    old_md5 = file_md5(live)
     assert _get(srv.url, "/readyz")["bundle_md5"] == old_md5
     live.write_bytes(good[: len(good) // 2])  # a half-written bundle, in place
     ready = _wait(
@@ -156,16 +159,16 @@ def test_broken_bundle_keeps_the_old_one_and_shows_the_error(setup, tmp_path):
     fresh = make_bundle(tmp_path / "fresh.zip", OLD, size=32, seed=5)
     replace_atomically(fresh, live)
     ready = _wait(
-        srv.url, "/readyz", lambda r: r["bundle_md5"] == md5(fresh), "good bundle not loaded"
+        srv.url, "/readyz", lambda r: r["bundle_md5"] == file_md5(fresh), "good bundle not loaded"
     )
     assert ready["last_reload_error"] is None
     assert _get(srv.url, "/version")["last_reload_error"] is None
-    assert _predict_md5(srv.url) == md5(fresh)
+    assert _predict_md5(srv.url) == file_md5(fresh)
 
 
 def test_bundle_that_failed_its_gate_is_refused_on_reload(setup, tmp_path):
     srv, live, _ = setup
-    old_md5 = md5(live)
+    old_md5 = file_md5(live)
     reloads = _get(srv.url, "/readyz")["reloads"]
     failed = make_bundle(tmp_path / "failed.zip", NEW, size=24, seed=2, gate_passed=False)
     replace_atomically(failed, live)
@@ -200,7 +203,7 @@ def test_bundle_that_failed_its_gate_is_refused_at_start(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
-    reason = "ERROR serve.server: bundle.zip: the bundle did not pass its quality gate"
+    reason = "ERROR imgclf.serving.server: bundle.zip: the bundle did not pass its quality gate"
     assert lines[0].endswith(f" {reason}"), lines[0]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not (tmp_path / "ports.json").exists()  # it never listened

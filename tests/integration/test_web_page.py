@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from imgclf.files import file_md5
 from imgclf.testing import images as f
-from imgclf.testing.bundles import make_bundle, md5
-from imgclf.testing.server import ServerProcess, stop_process
+from imgclf.testing.bundles import make_bundle
+from imgclf.testing.server import ServerProcess, poll, stop_process
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
@@ -41,7 +42,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web")
     srv = ServerProcess(tmp, make_bundle(tmp / "models"), "--reload-poll-seconds", "0")
     yield srv
-    srv.stop()
+    assert srv.stop() == 0, srv.log()
 
 
 @pytest.fixture
@@ -59,12 +60,14 @@ def browser(tmp_path):
         stderr=log,
     )
     port_file = profile / "DevToolsActivePort"
-    deadline = time.monotonic() + 30
-    while not (port_file.is_file() and port_file.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"chromium did not start: {(tmp_path / 'chromium.log').read_text()}")
-        time.sleep(0.1)
+
+    def settled() -> bool:  # exited, or wrote its DevTools port
+        exited = proc.poll() is not None
+        return exited or (port_file.is_file() and bool(port_file.read_text().strip()))
+
+    if not poll(settled, timeout=30) or proc.poll() is not None:
+        stop_process(proc, timeout=10)
+        pytest.fail(f"chromium did not start: {(tmp_path / 'chromium.log').read_text()}")
     port = int(port_file.read_text().split()[0])
     try:
         yield f"http://127.0.0.1:{port}"
@@ -80,7 +83,7 @@ class Page:
         self.ws = ws
         self.ids = itertools.count(1)
 
-    async def call(self, method: str, **params):
+    async def command(self, method: str, **params):
         msg_id = next(self.ids)
         await self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
         while True:
@@ -91,7 +94,7 @@ class Page:
                 return msg["result"]
 
     async def js(self, expression: str):
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        result = await self.command("Runtime.evaluate", expression=expression, returnByValue=True)
         return result["result"].get("value")
 
     async def wait_for(self, expression: str, timeout: float = 20):
@@ -104,9 +107,11 @@ class Page:
         raise TimeoutError(f"page never satisfied {expression!r}")
 
     async def upload(self, selector: str, path: Path) -> None:
-        doc = await self.call("DOM.getDocument")
-        node = await self.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector=selector)
-        await self.call("DOM.setFileInputFiles", files=[str(path)], nodeId=node["nodeId"])
+        doc = await self.command("DOM.getDocument")
+        node = await self.command(
+            "DOM.querySelector", nodeId=doc["root"]["nodeId"], selector=selector
+        )
+        await self.command("DOM.setFileInputFiles", files=[str(path)], nodeId=node["nodeId"])
 
 
 async def _drive(devtools: str, url: str, image: Path, bad: Path) -> dict:
@@ -116,9 +121,9 @@ async def _drive(devtools: str, url: str, image: Path, bad: Path) -> dict:
     ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
     async with websockets.connect(ws_url, max_size=None) as ws:
         page = Page(ws)
-        await page.call("Page.enable")
-        await page.call("Runtime.enable")
-        await page.call("Page.navigate", url=url)
+        await page.command("Page.enable")
+        await page.command("Runtime.enable")
+        await page.command("Page.navigate", url=url)
         await page.wait_for(
             "document.readyState === 'complete' && !!document.getElementById('file')"
         )
@@ -155,7 +160,7 @@ def test_upload_through_the_page_shows_probabilities_and_decision(server, browse
     api = httpx.post(
         f"{server.url}/predict", content=image.read_bytes(), headers={"Content-Type": "image/jpeg"}
     ).json()["results"][0]
-    assert shown["model"] == f"bundle {md5(server.bundle)} · classes safe, sensitive"
+    assert shown["model"] == f"bundle {file_md5(server.bundle)} · classes safe, sensitive"
     assert shown["label"] == api["decision"]["label"]
     assert "Decision:" in shown["text"] and "0.4" in shown["text"]
     assert {cls for cls, _ in shown["rows"]} == {"safe", "sensitive"}

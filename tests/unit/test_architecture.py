@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import stat
+import subprocess
 
 import pytest
 from PIL import Image
@@ -13,9 +15,11 @@ from PIL import Image
 from imgclf.config import StageError
 from imgclf.pipeline.architecture import (
     DEBIAN_PACKAGE,
+    DPI,
     GraphvizMissingError,
     can_draw,
     dot_source,
+    draw_if_possible,
     draw_model,
 )
 
@@ -34,15 +38,26 @@ def tiny_model():
     return keras.Model(inputs, outputs, name="classifier_tiny")
 
 
-def test_draws_a_png(tmp_path):
-    path = draw_model(tiny_model(), tmp_path / "candidate" / "model.png")
+def layout_size(source: str, dpi: int) -> tuple[int, int]:
+    """Pixels of Graphviz's own layout of ``source`` at ``dpi``, with its default margin
+    (``pad``: 4 points a side)."""
+    plain = subprocess.run(
+        ["dot", "-Tplain"], input=source.encode(), capture_output=True, check=True
+    )
+    _, _, width, height = plain.stdout.decode().splitlines()[0].split()
+    return round(float(width) * dpi) + 8 * dpi // 72, round(float(height) * dpi) + 8 * dpi // 72
+
+
+def test_draws_the_layout_as_a_png(tmp_path):
+    model = tiny_model()
+    path = draw_model(model, tmp_path / "candidate" / "model.png")
+    assert path == tmp_path / "candidate" / "model.png"
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    assert 5_000 < len(data) < 1_000_000
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
-    assert 200 < width < 2_000 and 400 < height < 5_000  # a column of five boxes
-    assert height > width
+    assert (width, height) == layout_size(dot_source(model), DPI)
+    assert height > width  # a column of five boxes
     assert [p.name for p in path.parent.iterdir()] == ["model.png"]  # no temporary left
 
 
@@ -63,7 +78,7 @@ def test_same_bytes_every_time(tmp_path):
     assert first == again
 
 
-def test_no_dot_on_path_is_a_clear_error(tmp_path, monkeypatch):
+def test_no_dot_on_path_is_a_clear_error(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert not can_draw()
     with pytest.raises(GraphvizMissingError) as err:
@@ -71,6 +86,11 @@ def test_no_dot_on_path_is_a_clear_error(tmp_path, monkeypatch):
     said = str(err.value)
     assert "`dot`" in said and f"apt-get install {DEBIAN_PACKAGE}" in said
     assert isinstance(err.value, StageError)  # a stage reports it as one `error:` line
+    assert not (tmp_path / "model.png").exists()
+    # train goes on without the picture, saying why
+    with caplog.at_level(logging.WARNING):
+        assert draw_if_possible(tiny_model(), tmp_path / "model.png") is None
+    assert caplog.messages == [f"{tmp_path / 'model.png'} not drawn: {said}"]
     assert not (tmp_path / "model.png").exists()
 
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from imgclf.imaging import DecodeOptions, decode_array
+from imgclf.pipeline.dataset import make_dataset
 from imgclf.pipeline.preprocess import preprocess
-from imgclf.pipeline.train import make_dataset
 from imgclf.serving.predictor import Predictor
 from imgclf.testing import images as f
 from imgclf.testing.bundles import make_bundle
@@ -51,7 +51,7 @@ def trained_and_served(tmp_path_factory):
         root = tmp / f"{options.size}"
         outcomes, _ = preprocess(
             raw, root / "processed", root / "invalid", root / "manifest.csv", tmp / "cache",
-            options, options.jpeg_quality, 1, root,
+            options, workers=1, root=root,
         )  # fmt: skip
         done = {o.raw.rel: root / "processed" / o.output for o in outcomes}
         assert all(o.status == "processed" for o in outcomes), outcomes

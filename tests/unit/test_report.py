@@ -11,7 +11,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from imgclf.params import Params, ParamsError, validate
+from imgclf.config import Paths
+from imgclf.params import Params, ParamsError, Report, validate
 from imgclf.pipeline import report as rep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,13 +47,12 @@ def test_metrics_by_hand():
     assert m["n"] == 5
 
 
-@pytest.mark.filterwarnings(
-    "ignore:Only one class:UserWarning", "ignore:No positive class:UserWarning"
-)
-def test_metrics_with_an_absent_class_has_no_auc():
+def test_metrics_with_an_absent_class_have_no_auc():
     p = probs_of([0.2, 0.6])
     m = rep.compute_metrics(np.array([0, 0]), p.argmax(1), p, NAMES, "sensitive")
-    assert m["roc_auc"] is None and m["accuracy"] == pytest.approx(0.5)
+    assert m["roc_auc"] is None and m["pr_auc"] is None and m["accuracy"] == 0.5
+    three = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1]])  # class c absent
+    assert rep.auc_scores(np.array([0, 1]), three, ["a", "b", "c"], "c") == (None, None)
 
 
 def test_multiclass_metrics():
@@ -90,7 +90,7 @@ TRUTH10 = np.array([True] * 10 + [False] * 4)
 def test_recall_lower_bound_closed_forms():
     # all hits: Beta(n, 1) has cdf x**n, so the bound is (1 - c) ** (1 / n)
     assert rep.recall_lower_bound(10, 10, 0.9) == pytest.approx(0.1**0.1, abs=1e-12)
-    assert round(0.1**0.1, 6) == 0.794328
+    assert round(rep.recall_lower_bound(10, 10, 0.9), 6) == 0.794328  # as the JSON shows it
     assert rep.recall_lower_bound(3, 3, 0.9) == pytest.approx(0.1 ** (1 / 3), abs=1e-12)
     # 9 of 10: Beta(9, 2) has cdf 10 x**9 - 9 x**10, which is 1 - c at the bound
     lb = rep.recall_lower_bound(9, 10, 0.9)
@@ -127,7 +127,7 @@ def test_confident_threshold_constructed_case(target, threshold, hits, bound, me
     got = rep.confident_threshold(SCORES10, TRUTH10, target, 0.9)
     assert got == {
         "threshold": threshold,
-        "rule": rep.RULE if met else rep.FALLBACK_RULE,
+        "rule": rep.BOUND_RULE if met else rep.FALLBACK_RULE,
         "bound_met": met,
         "hits": hits,
         "n_positive": 10,
@@ -147,7 +147,7 @@ def test_confident_threshold_with_tied_scores_counts_every_tie():
     # 3 of 4 gives 0.320461 >= 0.3 (2 of 4: 0.142559); at 0.7 all 4 positives are flagged
     got = rep.confident_threshold(scores, truth, 0.3, 0.9)
     assert got["threshold"] == 0.7 and got["hits"] == 4 and got["recall"] == 1.0
-    assert got["recall_lower_bound"] == round(0.1**0.25, 6) == 0.562341
+    assert got["recall_lower_bound"] == 0.562341  # 0.1 ** (1 / 4), rounded
 
 
 def test_too_few_positives_fall_back_to_the_lowest_positive_and_say_so():
@@ -188,7 +188,7 @@ def test_operating_point_is_chosen_on_val_and_measured_on_test():
         "target_recall": 0.6,
         "recall_confidence": 0.9,
         "threshold": 0.55,
-        "rule": rep.RULE,
+        "rule": rep.BOUND_RULE,
         "bound_met": True,
         # val: flagged the 9 positives >= .55 and the negatives .88, .62
         "val": {
@@ -201,7 +201,7 @@ def test_operating_point_is_chosen_on_val_and_measured_on_test():
         "test": {"precision": 0.5, "recall": 0.5, "n_positive": 4},
         "expected": {"recall": 0.663152, "precision": 0.818182},
     }
-    json.dumps(op)
+    assert json.loads(json.dumps(op)) == op  # plain JSON types only
     line = rep.describe_operating_point(op)
     assert line.startswith("sensitive >= 0.55: val recall 0.9 (90% lower bound 0.663152 >= ")
     assert "test recall 0.5 precision 0.5 (4 positives)" in line
@@ -224,26 +224,31 @@ def test_recall_confidence_is_a_checked_param():
         validate({**good, "report": missing}, Params, "params.yaml")
 
 
-def test_curves_and_files(tmp_path):
+def test_curve_rows():
     positive = np.array([0, 0, 1, 1], bool)
     roc, pr = rep.curve_rows(positive, np.array([0.1, 0.4, 0.35, 0.8]), "sensitive")
-    assert roc[0] == {"positive_class": "sensitive", "fpr": 0.0, "tpr": 0.0, "threshold": 1.0}
-    assert roc[-1] == {"positive_class": "sensitive", "fpr": 1.0, "tpr": 1.0, "threshold": 0.1}
-    # scores .8(P) .4(N) .35(P) .1(N): precision 1 at t=.8, 1/2 at .4, 2/3 at .35, 1/2 at .1
-    assert [r["precision"] for r in pr] == pytest.approx([0.5, 2 / 3, 0.5, 1.0], abs=1e-6)
+    # scores .8(P) .4(N) .35(P) .1(N): ROC (fpr, tpr) steps at each score from the top
+    assert [(r["fpr"], r["tpr"], r["threshold"]) for r in roc] == [
+        (0.0, 0.0, 1.0), (0.0, 0.5, 0.8), (0.5, 0.5, 0.4), (0.5, 1.0, 0.35), (1.0, 1.0, 0.1),
+    ]  # fmt: skip
+    # precision 1/2 at t=.1, 2/3 at .35, 1/2 at .4, 1 at .8 (lowest threshold first)
+    assert [(r["recall"], r["precision"], r["threshold"]) for r in pr] == [
+        (1.0, 0.5, 0.1), (1.0, 0.666667, 0.35), (0.5, 0.5, 0.4), (0.5, 1.0, 0.8),
+    ]  # fmt: skip
     assert {r["positive_class"] for r in roc + pr} == {"sensitive"}
     assert list(roc[0]) == list(rep.ROC_FIELDS) and list(pr[0]) == list(rep.PR_FIELDS)
     bare, _ = rep.curve_rows(positive, np.array([0.1, 0.4, 0.35, 0.8]))
-    assert "positive_class" not in bare[0]
-    rep.write_csv(roc, rep.ROC_FIELDS, tmp_path / "roc.csv")
-    with (tmp_path / "roc.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    assert len(rows) == len(roc) and rows[1]["positive_class"] == "sensitive"
+    assert list(bare[0]) == ["fpr", "tpr", "threshold"]
+
+
+def test_confusion_plot(tmp_path):
     png = tmp_path / "cm.png"
     cms = {"at the operating threshold": np.array([[5, 1], [0, 3]]), "argmax": np.eye(2, dtype=int)}
-    rep.plot_confusion(cms, NAMES, png)
+    assert rep.plot_confusion(cms, NAMES, png) == png
+    # two classes: 4-inch panels, two a rule side by side (+1 inch), one row a rule; 100 dpi
     with Image.open(png) as img:
-        assert img.format == "PNG" and img.size[0] > 400
+        assert img.format == "PNG" and img.size == (900, 800)
+    assert [p.name for p in tmp_path.iterdir()] == ["cm.png"]  # no temporary left
 
 
 def test_curve_plot_is_of_the_named_class_not_the_last(tmp_path):
@@ -333,10 +338,10 @@ def test_mlflow_metric_names():
     assert "test_argmax_safe_f1" not in names and "test_per_class" not in names
 
 
-def test_decide_at_the_threshold_and_otherwise_the_best_other_class():
+def test_decisions_at_the_threshold_and_otherwise_the_best_other_class():
     p = np.array([[0.5, 0.2, 0.3], [0.6, 0.1, 0.3], [0.1, 0.15, 0.75]])
-    assert rep.decide(p, 1, 0.15).tolist() == [1, 0, 1]
-    assert rep.decide(p, 2, 0.5).tolist() == [0, 0, 2]
+    assert rep.decisions_at_threshold(p, 1, 0.15).tolist() == [1, 0, 1]
+    assert rep.decisions_at_threshold(p, 2, 0.5).tolist() == [0, 0, 2]
 
 
 @pytest.mark.parametrize(
@@ -364,9 +369,9 @@ def test_a_positive_class_the_candidate_lacks_is_a_clear_error():
         rep.choose_positive("nsfw", {"cats": 1, "dogs": 2})
 
 
-def test_report_text_labels_each_rule():
+def test_classification_reports_label_each_rule():
     y = np.array([0, 1, 1])
-    text = rep.report_text(
+    text = rep.classification_reports(
         y,
         {"at the operating threshold (b >= 0.3000)": np.array([1, 1, 1]), "argmax (top class)": y},
         ["a", "b"],
@@ -375,3 +380,112 @@ def test_report_text_labels_each_rule():
     assert first.startswith("== at the operating threshold (b >= 0.3000) ==")
     assert "accuracy                         0.6667" in first
     assert "accuracy                         1.0000" in second
+
+
+# -- the stage's steps on a hand-sized evaluation: val = SCORES10/TRUTH10, test below ------
+
+TEST_SCORES = [0.95, 0.58, 0.52, 0.45, 0.9, 0.6, 0.1]
+TEST_TRUTH = [1, 1, 1, 1, 0, 0, 0]
+TEST_PATHS = [f"data/processed/{i}.jpg" for i in range(7)]
+
+
+@pytest.fixture
+def evaluation() -> rep.Evaluation:
+    val = rep.Scored([f"v{i}" for i in range(14)], TRUTH10.astype(int), probs_of(SCORES10))
+    test = rep.Scored(TEST_PATHS, np.array(TEST_TRUTH), probs_of(TEST_SCORES))
+    cfg = Report(positive_class=None, target_recall=0.6, recall_confidence=0.9, batch_size=8)
+    return rep.evaluate(val, test, NAMES, "sensitive", cfg)
+
+
+def test_evaluate_decides_test_at_the_val_threshold(evaluation):
+    ev = evaluation
+    assert ev.operating_point["threshold"] == 0.55  # see the operating point test above
+    # sensitive >= .55: .95 .58 (positives) and .9 .6 (negatives); argmax: >= .5
+    assert {rule: y.tolist() for rule, y in ev.decisions.items()} == {
+        "at the operating threshold (sensitive >= 0.5500)": [1, 1, 0, 0, 1, 1, 0],
+        "argmax (top class)": [1, 1, 1, 0, 1, 1, 0],
+    }
+    # at the threshold 3 of 7 right; safe: P 1/3, R 1/3; sensitive: P 1/2, R 1/2
+    # ROC AUC: 6 of 12 (positive, negative) pairs ranked right; AP: ranking
+    # .95(P) .9(N) .6(N) .58(P) .52(P) .45(P) .1(N): (1 + 2/4 + 3/5 + 4/6) / 4
+    assert {k: ev.metrics[k] for k in ("accuracy", "macro_f1", "roc_auc", "pr_auc", "n")} == {
+        "accuracy": 0.428571, "macro_f1": 0.416667, "roc_auc": 0.5, "pr_auc": 0.691667, "n": 7,
+    }  # fmt: skip
+    assert ev.metrics["argmax"]["accuracy"] == 0.571429  # 4 of 7
+    assert ev.metrics["argmax"]["per_class"]["sensitive"]["recall"] == 0.75
+
+
+def test_metric_and_plot_files(evaluation, tmp_path, monkeypatch):
+    monkeypatch.setattr(rep, "PATHS", Paths(tmp_path))
+    files = rep.write_metrics(evaluation) + rep.write_plot_data(evaluation, tmp_path / "plots")
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == [
+        "metrics/test.json", "metrics/operating_point.json", "metrics/report/test_detail.json",
+        "plots/predictions.csv", "plots/roc.csv", "plots/pr.csv",
+    ]  # fmt: skip
+    # the headline, in the order dvc exp show lists it
+    assert (tmp_path / "metrics" / "test.json").read_text() == (
+        '{\n  "accuracy": 0.428571,\n  "macro_f1": 0.416667,\n  "roc_auc": 0.5,\n'
+        '  "pr_auc": 0.691667,\n  "recall": 0.5,\n  "precision": 0.5\n}\n'
+    )
+    detail = json.loads((tmp_path / "metrics" / "report" / "test_detail.json").read_text())
+    assert list(detail) == ["positive_class", "accuracy", "macro_f1", "roc_auc", "pr_auc",
+                            "n", "per_class", "argmax"]  # fmt: skip
+    with (tmp_path / "plots" / "predictions.csv").open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == list(rep.PREDICTION_FIELDS)
+    assert rows[1] == ["data/processed/0.jpg", "sensitive", "sensitive", "sensitive", "0.95"]
+    assert rows[3] == ["data/processed/2.jpg", "sensitive", "safe", "sensitive", "0.52"]
+    assert len(rows) == 8
+
+
+class RecordingRun:
+    """What the report logs to a ``tracking.Run``."""
+
+    def __init__(self) -> None:
+        self.params: dict = {}
+        self.metrics: dict = {}
+        self.tags: dict = {}
+        self.artifacts: list = []
+
+    def log_params(self, params: dict) -> None:
+        self.params.update(params)
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        self.metrics.update(metrics)
+
+    def set_tags(self, tags: dict) -> None:
+        self.tags.update(tags)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append((Path(path).name, artifact_path))
+
+
+def test_report_files_and_what_mlflow_gets(evaluation, tmp_path, monkeypatch):
+    monkeypatch.setattr(rep, "PATHS", Paths(tmp_path))  # thumbnails: none there (grey)
+    files = rep.write_report_files(evaluation, tmp_path / "report")
+    assert sorted(f.name for f in files) == sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert sorted(f.name for f in files) == [
+        "classification_report.txt", "confusion_matrix.png", "curves.png", "mistakes.csv",
+        "mistakes.png",
+    ]  # fmt: skip
+    text = (tmp_path / "report" / "classification_report.txt").read_text()
+    assert text == evaluation.report_text
+    assert text.startswith("== at the operating threshold (sensitive >= 0.5500) ==")
+    # errors at the threshold: .9 and .6 flagged (safe), .52 and .45 missed (sensitive)
+    with (tmp_path / "report" / "mistakes.csv").open(newline="") as fh:
+        assert [r["path"][-5:] + " " + r["score"] for r in csv.DictReader(fh)] == [
+            "4.jpg 0.9", "5.jpg 0.6", "3.jpg 0.55", "2.jpg 0.48",
+        ]  # fmt: skip
+    run = RecordingRun()
+    cfg = Report(positive_class=None, target_recall=0.6, recall_confidence=0.9, batch_size=8)
+    rep.log_to_mlflow(run, cfg, evaluation, files)
+    assert run.params == {
+        "report.positive_class": "None", "report.target_recall": "0.6",
+        "report.recall_confidence": "0.9", "report.batch_size": "8",
+    }  # fmt: skip
+    assert run.metrics["test_accuracy"] == 0.428571
+    assert run.metrics["test_argmax_accuracy"] == 0.571429
+    assert run.metrics["op_threshold"] == 0.55 and run.metrics["op_test_recall"] == 0.5
+    assert run.metrics["op_expected_recall"] == 0.663152
+    assert run.tags == {"positive_class": "sensitive"}
+    assert {a for _, a in run.artifacts} == {"report"} and len(run.artifacts) == 5

@@ -1,21 +1,27 @@
-"""Unit and smoke tests of the train stage and the model builder on tiny generated images."""
+"""Unit and smoke tests of the train stage, its input pipeline and the model builder on
+tiny generated images."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
+import re
+import zipfile
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
-from imgclf.config import PATHS, load_params
+from imgclf.config import PATHS, StageError, load_params
 from imgclf.imaging import DecodeOptions
 from imgclf.pipeline import model as mdl
 from imgclf.pipeline import train as trn
+from imgclf.pipeline.dataset import SplitList, data_hash, encode_labels, make_dataset, read_list
 
 SIZE = 16
 
@@ -41,7 +47,7 @@ def write_images(root: Path, per_class: int = 24, size: int = SIZE) -> tuple[lis
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> tuple[list[str], np.ndarray]:
     paths, labels = write_images(tmp_path_factory.mktemp("imgs"))
-    return paths, trn.encode_labels(labels, ["a", "b"])
+    return paths, encode_labels(labels, ["a", "b"])
 
 
 PARAMS = load_params(PATHS.params).train
@@ -63,25 +69,45 @@ def tiny_model(seed: int = 1, backbone: str = "cnn") -> keras.Model:
 
 
 def train_once(
-    images, epochs: int = 2, model: keras.Model | None = None, **changes
+    images, epochs: int = 2, model: keras.Model | None = None, callbacks=(), **changes
 ) -> tuple[keras.Model, list[dict]]:
     paths, y = images
     trn.seed_everything(7)
-    ds = trn.make_dataset(paths, y, SIZE, 8, shuffle=True, seed=7)
-    val = trn.make_dataset(paths, y, SIZE, 16)
+    ds = make_dataset(paths, y, SIZE, 8, shuffle=True, seed=7)
+    val = make_dataset(paths, y, SIZE, 16)
     model = model or tiny_model()
     cfg = CFG.model_copy(update={"epochs": epochs, **changes})
-    rows = trn.fit(model, ds, val, cfg, trn.class_weights(y, 2, "auto"))
+    rows = trn.fit(model, ds, val, cfg, trn.class_weights(y, 2, "auto"), callbacks)
     return model, rows
 
 
-def test_smoke_loss_goes_down_and_model_reloads(images, tmp_path):
-    model, rows = train_once(images, epochs=3)
+class RecordingRun:
+    """What the MLflow callback touches of a ``tracking.Run``: ``log_metrics``."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict[str, float], int]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self.logged.append((metrics, step))
+
+
+def test_smoke_loss_goes_down_the_model_reloads_and_mlflow_gets_every_epoch(images, tmp_path):
+    run = RecordingRun()
+    model, rows = train_once(images, epochs=3, callbacks=[trn.mlflow_epochs(run)])
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert sorted(rows[0]) == sorted(trn.HISTORY_FIELDS)
+    assert list(rows[0]) == [
+        "epoch", "phase", "accuracy", "loss", "val_accuracy", "val_loss", "lr",
+    ]  # fmt: skip
     assert rows[-1]["loss"] < rows[0]["loss"]
+    # one MLflow batch per epoch, step = epoch, the same figures as the history
+    assert [step for _, step in run.logged] == [1, 2, 3]
+    for (metrics, _), row in zip(run.logged, rows, strict=True):
+        assert metrics == {
+            "accuracy": row["accuracy"], "loss": row["loss"], "val_accuracy": row["val_accuracy"],
+            "val_loss": row["val_loss"], "learning_rate": row["lr"],
+        }  # fmt: skip
     path = tmp_path / "m.keras"
-    model.save(path)
+    trn.save_model(model, path)
     loaded = keras.models.load_model(path)  # no custom_objects needed
     batch = np.stack([np.asarray(Image.open(p)) for p in images[0][:6]]).astype(np.uint8)
     want = model.predict(batch, verbose=0)
@@ -210,7 +236,24 @@ def test_early_stopping_ends_a_real_run_and_keeps_the_best_epoch(images):
     assert got["loss"] == pytest.approx(best["val_loss"], rel=1e-4, abs=1e-6)
 
 
-def test_fine_tune_phase_runs_on_a_loaded_backbone(images, tmp_path):
+@pytest.fixture
+def dvc_workspace(tmp_path, monkeypatch) -> Path:
+    """An empty DVC repository (no git) as the working directory, as DVCLive expects."""
+    from dvc.repo import Repo
+
+    Repo.init(tmp_path, no_scm=True).close()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    return tmp_path
+
+
+def read_tsv(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+def test_fine_tune_phase_runs_on_a_loaded_backbone_and_dvclive_keeps_counting(
+    images, tmp_path, dvc_workspace
+):
     keras.utils.set_random_seed(5)
     src = mdl.make_backbone("cnn", (SIZE, SIZE, 3), "none", (8, 16), cnn_depth=1)
     src.save_weights(tmp_path / "w.weights.h5")
@@ -218,15 +261,18 @@ def test_fine_tune_phase_runs_on_a_loaded_backbone(images, tmp_path):
         SIZE, 2, weights=str(tmp_path / "w.weights.h5"), cnn_filters=(8, 16), cnn_depth=1
     )
     assert not model.get_layer(mdl.BACKBONE_LAYER).trainable
-    _, rows = train_once(
-        images,
-        epochs=2,
-        model=model,
-        patience=99,
-        fine_tune_epochs=2,
-        fine_tune_layers=3,
-        fine_tune_learning_rate=1e-3,
-    )
+    live_dir = dvc_workspace / "metrics" / "train"
+    with trn.dvclive_history(live_dir) as history:
+        _, rows = train_once(
+            images,
+            epochs=2,
+            model=model,
+            callbacks=[history],
+            patience=99,
+            fine_tune_epochs=2,
+            fine_tune_layers=3,
+            fine_tune_learning_rate=1e-3,
+        )
     assert [(r["epoch"], r["phase"]) for r in rows] == [
         (1, "train"),
         (2, "train"),
@@ -234,20 +280,47 @@ def test_fine_tune_phase_runs_on_a_loaded_backbone(images, tmp_path):
         (4, "fine_tune"),
     ]
     assert rows[2]["lr"] <= 1e-3 and rows[3]["lr"] < rows[2]["lr"]
+    # DVCLive's history: one file a metric, both phases in one sequence, step = epoch
+    plots = live_dir / "plots" / "metrics"
+    files = {
+        ("train", "loss"): "loss", ("train", "accuracy"): "accuracy",
+        ("train", "learning_rate"): "lr", ("eval", "loss"): "val_loss",
+        ("eval", "accuracy"): "val_accuracy",
+    }  # fmt: skip
+    assert sorted(p.relative_to(plots).as_posix() for p in plots.rglob("*.tsv")) == sorted(
+        f"{side}/{name}.tsv" for side, name in files
+    )
+    for (side, name), key in files.items():
+        assert read_tsv(plots / side / f"{name}.tsv") == [
+            ["step", name],
+            *[[str(r["epoch"]), str(r[key])] for r in rows],
+        ]
+    # no timestamp anywhere (byte-stable outs); no dvc.yaml written or changed
+    summary = json.loads((live_dir / "metrics.json").read_text())
+    assert summary == {
+        "train": {"accuracy": rows[-1]["accuracy"], "loss": rows[-1]["loss"],
+                  "learning_rate": rows[-1]["lr"]},
+        "eval": {"accuracy": rows[-1]["val_accuracy"], "loss": rows[-1]["val_loss"]},
+        "step": 4,
+    }  # fmt: skip
+    assert sorted(p.name for p in live_dir.iterdir()) == ["metrics.json", "plots"]
+    assert not list(dvc_workspace.rglob("dvc.yaml"))
 
 
-def test_dataset_yields_float_pixels_in_uint8_range(images):
+def test_dataset_yields_the_stored_pixels_as_floats(images):
     paths, y = images
-    x, labels = next(iter(trn.make_dataset(paths, y, SIZE, 5)))
+    x, labels = next(iter(make_dataset(paths, y, SIZE, 5)))
     assert tuple(x.shape) == (5, SIZE, SIZE, 3) and x.dtype.name == "float32"
-    assert float(np.min(x)) >= 0.0 and float(np.max(x)) <= 255.0 and float(np.max(x)) > 1.0
+    # the pixels Pillow decodes from the stored JPEGs (both libjpeg, exact integer IDCT)
+    want = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths[:5]])
+    np.testing.assert_array_equal(x.numpy(), want.astype(np.float32))
     assert labels.numpy().tolist() == y[:5].tolist()
 
 
 def test_dataset_rejects_wrong_image_size(images):
     paths, y = images
-    with pytest.raises(Exception, match=r"(?i)shape"):
-        next(iter(trn.make_dataset(paths, y, SIZE + 1, 4)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[16,16,3\].*\[17,17,3\]"):
+        next(iter(make_dataset(paths, y, SIZE + 1, 4)))
 
 
 def test_class_weights_balanced():
@@ -259,35 +332,87 @@ def test_class_weights_balanced():
 
 
 def test_encode_labels_and_unknown_label():
-    assert trn.encode_labels(["b", "a", "b"], ["a", "b"]).tolist() == [1, 0, 1]
-    with pytest.raises(ValueError, match="c"):
-        trn.encode_labels(["a", "c"], ["a", "b"])
+    assert encode_labels(["b", "a", "b"], ["a", "b"]).tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match=r"not among the training classes \['a', 'b'\]: \['c'\]"):
+        encode_labels(["a", "c"], ["a", "b"])
+
+
+def write_list(path: Path, *rows: tuple[str, str, str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        csv.writer(fh).writerows([("path", "label", "sha256"), *rows])
+    return path
 
 
 def test_read_list_and_data_hash(tmp_path):
-    lst = tmp_path / "train.csv"
-    with lst.open("w", newline="") as fh:
-        csv.writer(fh).writerows([("path", "label", "sha256"), ("data/x.jpg", "a", "00")])
-    assert trn.read_list(lst) == (["data/x.jpg"], ["a"])
+    lst = write_list(tmp_path / "train.csv", ("data/x.jpg", "a", "00"), ("data/y.jpg", "b", "01"))
+    listed = read_list(lst)
+    assert listed == SplitList(["data/x.jpg", "data/y.jpg"], ["a", "b"])
+    assert listed.files(Path("/root")) == ["/root/data/x.jpg", "/root/data/y.jpg"]
     options = DecodeOptions(size=32)
-    h1 = trn.data_hash([lst], options)
-    assert trn.data_hash([lst], DecodeOptions(size=32, jpeg_quality=80)) != h1
-    lst.write_text(lst.read_text().replace("00", "01"))
-    assert trn.data_hash([lst], options) != h1
-    with pytest.raises(FileNotFoundError, match="split"):
-        trn.read_list(tmp_path / "missing.csv")
+    h1 = data_hash([lst], options)
+    assert re.fullmatch(r"[0-9a-f]{16}", h1)
+    # the same list elsewhere: the same hash (the folder is not part of it)
+    twin = tmp_path / "copy" / "train.csv"
+    twin.parent.mkdir()
+    twin.write_bytes(lst.read_bytes())
+    assert data_hash([twin], options) == h1
+    assert data_hash([lst], DecodeOptions(size=32, jpeg_quality=80)) != h1
+    lst.write_text(lst.read_text().replace("00", "02"))
+    assert data_hash([lst], options) != h1
+    with pytest.raises(FileNotFoundError, match="run the split stage first"):
+        read_list(tmp_path / "missing.csv")
 
 
-def test_best_row_and_history_file(tmp_path):
-    rows = [
-        {"epoch": 1, "phase": "train", "loss": 1.0, "val_loss": 0.9, "lr": 0.1},
-        {"epoch": 2, "phase": "train", "loss": 0.5, "val_loss": 0.4, "lr": 0.1},
-        {"epoch": 3, "phase": "train", "loss": 0.4, "val_loss": 0.6, "lr": 0.1},
-    ]
-    assert trn.best_row(rows)["epoch"] == 2
-    trn.write_history(rows, tmp_path / "h.csv")
-    lines = (tmp_path / "h.csv").read_text().splitlines()
-    assert lines[0].startswith("epoch,phase,loss") and len(lines) == 4
+def test_training_data_is_encoded_against_the_train_classes(tmp_path):
+    train = write_list(tmp_path / "train.csv", ("x.jpg", "b", "0"), ("y.jpg", "a", "1"))
+    val = write_list(tmp_path / "val.csv", ("z.jpg", "b", "2"))
+    data = trn.load_training_data(train, val)
+    assert data.class_names == ["a", "b"]
+    assert data.y_train.tolist() == [1, 0] and data.y_val.tolist() == [1]
+    meta = trn.candidate_metadata(data, DecodeOptions(size=32), "cnn", "p" * 16, "d" * 16)
+    assert meta == {
+        "class_names": ["a", "b"],
+        "class_counts": {"a": 1, "b": 1},
+        "image_size": 32,
+        "decode": DecodeOptions(size=32).to_dict(),
+        "backbone": "cnn",
+        "params_digest": "p" * 16,
+        "data_hash": "d" * 16,
+    }
+    empty = write_list(tmp_path / "empty.csv")
+    with pytest.raises(StageError, match="must not be empty"):
+        trn.load_training_data(train, empty)
+
+
+def test_history_rows_best_row_and_summary():
+    history = {
+        "accuracy": [0.5, 0.75, 0.8],
+        "loss": [1.0, 0.5, 0.4],
+        "val_accuracy": [0.5, 0.9, 0.7],
+        "val_loss": [0.9, 0.4, 0.6],
+        "learning_rate": [0.1, 0.05, 0.0],
+    }
+    rows = trn.history_rows(history, trn.Phase("fine_tune", 0.1, 2, 3))
+    assert rows[1] == {
+        "epoch": 4, "phase": "fine_tune", "accuracy": 0.75, "loss": 0.5, "val_accuracy": 0.9,
+        "val_loss": 0.4, "lr": 0.05,
+    }  # fmt: skip
+    assert [r["epoch"] for r in rows] == [3, 4, 5]
+    assert trn.best_row(rows) is rows[1]
+    assert trn.train_summary(rows) == {"epochs_run": 3, "best_epoch": 4}
+
+
+def test_saved_model_bytes_hold_no_save_time(tmp_path):
+    model = tiny_model()
+    first, second = tmp_path / "a.keras", tmp_path / "b.keras"
+    trn.save_model(model, first)
+    trn.save_model(model, second)
+    assert first.read_bytes() == second.read_bytes()
+    with zipfile.ZipFile(first) as zf:
+        assert {i.date_time for i in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        assert "date_saved" not in json.loads(zf.read("metadata.json"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.keras", "b.keras"]  # no temp left
 
 
 # -- build_model and backbones -------------------------------------------------------------
@@ -308,7 +433,8 @@ def test_build_model_with_local_weights_file(name, tmp_path):
     for want, got in zip(source.get_weights(), base.get_weights(), strict=True):
         np.testing.assert_array_equal(got, want)
     assert not base.trainable  # pretrained: frozen for the first phase
-    out = model.predict(np.full((2, 24, 24, 3), 128, np.uint8), verbose=0)
+    # a direct call (inference mode), not predict: no tf.function to trace, 10x faster
+    out = keras.ops.convert_to_numpy(model(np.full((2, 24, 24, 3), 128, np.uint8), training=False))
     assert out.shape == (2, 3)
     np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
     if name == "mobilenetv2":
@@ -431,4 +557,6 @@ def test_resizing_and_augmentation_are_inside_the_model():
     assert "resize" in names and "scale" in names
     assert any(isinstance(layer, keras.layers.RandomRotation) for layer in model.layers)
     x = np.random.default_rng(0).integers(0, 256, (3, 20, 20, 3)).astype(np.float32)
-    np.testing.assert_array_equal(model.predict(x, verbose=0), model.predict(x, verbose=0))
+    # inference mode: the random layers pass the pixels through, so two calls agree
+    first, again = (keras.ops.convert_to_numpy(model(x, training=False)) for _ in range(2))
+    np.testing.assert_array_equal(first, again)
