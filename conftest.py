@@ -2,7 +2,8 @@
 ``tests/integration`` (real server processes, sockets, browsers, several processes on one
 MLflow store) and ``tests/e2e`` (the pipeline itself: ``dvc repro``/``dvc exp run`` in a
 throw-away git + DVC repository). Each test gets its tier's marker, so ``pytest -m unit``
-picks the fast tier from any set of paths; a test may also name ``e2e`` itself."""
+picks the fast tier from any set of paths. A test (or one parameter of it) may name a
+slower tier itself: ``@pytest.mark.integration`` in ``tests/unit`` runs with that tier."""
 
 from __future__ import annotations
 

@@ -7,14 +7,14 @@
   ``models/bundle.zip`` (:mod:`imgclf.bundle`: the model plus ``bundle.json`` with the
   decode settings, an operating threshold and a passed gate).
 
-The network is the project's own :func:`imgclf.pipeline.model.build_model` (untrained weights: speed
-and memory, not accuracy, are measured), falling back to a small CNN if that module is not
-there. The bundle's gate and metrics are marked as the benchmark's, not measured ones.
+The network is the project's own :func:`imgclf.pipeline.model.build_model` (untrained
+weights: speed and memory, not accuracy, are measured); the decode settings are
+``params.yaml``'s at the benchmark's size. The bundle's gate and metrics are marked as the
+benchmark's, not measured ones.
 """
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,7 @@ from typing import Any
 from imgclf.bundle import write_bundle
 from imgclf.config import digest
 from imgclf.files import write_json
-from imgclf.imaging import DecodeOptions
-
-log = logging.getLogger(__name__)
+from imgclf.testing.images import preprocess_options
 
 CLASS_NAMES = ("safe", "sensitive")
 MODEL_FILE = "model.keras"
@@ -33,18 +31,9 @@ BUNDLE_FILE = "bundle.zip"
 
 
 def build(size: int, backbone: str) -> Any:
-    """The project's classifier (or a stand-in CNN), uncompiled."""
-    import keras
+    """The project's classifier, uncompiled."""
+    from imgclf.pipeline.model import build_model  # imports TensorFlow: only when building
 
-    try:
-        from imgclf.pipeline.model import build_model
-    except ImportError:
-        log.warning("imgclf.pipeline.model not found: using a stand-in CNN")
-        inputs = keras.Input((size, size, 3))
-        x = keras.layers.Rescaling(1 / 255)(inputs)
-        x = keras.layers.Conv2D(16, 3, activation="relu")(x)
-        x = keras.layers.GlobalAveragePooling2D()(x)
-        return keras.Model(inputs, keras.layers.Dense(len(CLASS_NAMES), activation="softmax")(x))
     return build_model(size, len(CLASS_NAMES), backbone=backbone, weights="none", seed=0)
 
 
@@ -61,7 +50,7 @@ def metadata(size: int, backbone: str) -> dict[str, Any]:
         "class_names": list(CLASS_NAMES),
         "class_counts": dict.fromkeys(CLASS_NAMES, 1),
         "image_size": size,
-        "decode": DecodeOptions(size=size).to_dict(),
+        "decode": preprocess_options(size=size).to_dict(),
         "backbone": backbone,
         "params_digest": digest({"bench": backbone, "size": size}),
         "data_hash": "benchmark",

@@ -28,6 +28,7 @@ from benchmarks.common import (
     temp_dir,
 )
 from benchmarks.corpus import Corpus, make_photo
+from imgclf.files import replacing
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,8 @@ def replace_subclass(corpus: Corpus, folder: Path, generation: int) -> int:
         kind, index = path.stem.split("_")
         size = spec.large if kind == "large" else spec.hd
         img = make_photo(100_000 * generation + int(index), size, spec.seed, spec.noise_sigma)
-        tmp = path.with_name(f".{path.name}.tmp")
-        img.save(tmp, format="PNG" if kind == "png" else "JPEG", quality=92)
-        tmp.replace(path)
+        with replacing(path, "wb") as fh:  # a link shares the corpus' bytes: never write into it
+            img.save(fh, format="PNG" if kind == "png" else "JPEG", quality=92)
         count += 1
     return count
 

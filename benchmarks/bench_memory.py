@@ -12,8 +12,6 @@ for 20x the images.
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
 import logging
 import os
 import shutil
@@ -27,6 +25,7 @@ import psutil
 from benchmarks.artifact import write_candidate
 from benchmarks.common import Figure, Result, Settings, copy_project, env, temp_dir
 from benchmarks.corpus import Corpus
+from imgclf.files import file_sha256, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +109,8 @@ def write_split(root: Path, val_share: float = 0.1) -> int:
         sides["val" if i % every == 0 else "test"].append(path)
     sides["train"] = sides["val"][:2]
     for side, paths in sides.items():
-        out = root / "data" / "split" / f"{side}.csv"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(("path", "label", "sha256"))
-            for p in paths:
-                sha = hashlib.sha256(p.read_bytes()).hexdigest()
-                writer.writerow((p.relative_to(root).as_posix(), p.parent.name, sha))
+        rows = [(p.relative_to(root).as_posix(), p.parent.name, file_sha256(p)) for p in paths]
+        write_csv(root / "data" / "split" / f"{side}.csv", ("path", "label", "sha256"), rows)
     return len(images)
 
 

@@ -51,6 +51,7 @@ from benchmarks.common import (
 )
 from benchmarks.corpus import Corpus
 from imgclf.imaging import DecodeOptions, serving_input
+from imgclf.testing.images import preprocess_options
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
         raise FileNotFoundError("serve/server.py does not exist yet")
     photos = [p for p in corpus.photo_files() if p.name.startswith("hd_")][:8]
     payloads = [p.read_bytes() for p in photos]
-    options = DecodeOptions(size=SIZE)
+    options = preprocess_options(size=SIZE)  # what write_served_bundle stores
     n1, n16 = (10, 32) if settings.quick else (100, 320)
     max_seconds = 3.0 if settings.quick else 12.0
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -4,7 +4,7 @@
 decides with it. The old rule took the *highest* threshold whose val recall reaches
 ``report.target_recall``: a point estimate, so test recall lands on the target's edge and
 below it about half the time. The new rule
-(:func:`imgclf.pipeline.report.confident_threshold`) takes the highest threshold whose
+(:func:`imgclf.pipeline.operating_point.confident_threshold`) takes the highest threshold whose
 one-sided Clopper-Pearson lower bound (at ``report.recall_confidence``) of val recall
 reaches the target.
 
@@ -28,7 +28,7 @@ import numpy as np
 from benchmarks.common import PROJECT, Figure, Result, Settings
 from benchmarks.corpus import Corpus
 from imgclf.params import load_params
-from imgclf.pipeline.report import (
+from imgclf.pipeline.operating_point import (
     confident_threshold,
     positives_needed,
     precision_recall_at,

@@ -57,6 +57,7 @@ import filelock
 import tenacity
 
 from imgclf.config import PATHS, StageError, setup_logging, stage_main
+from imgclf.files import write_json
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -313,7 +314,7 @@ def write_run_link(run: Run, name: str, data_hash: str, commit: str | None) -> N
         "data_hash": data_hash,
         "git_commit": commit,
     }
-    PATHS.run_link.write_text(json.dumps(link, indent=2) + "\n", encoding="utf-8")
+    write_json(PATHS.run_link, link)
 
 
 def read_run_link() -> dict[str, Any]:
@@ -552,7 +553,7 @@ class Run:
             data.setdefault("errors", []).append(value)
         else:
             data[field] = value
-        self.pending_file.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        write_json(self.pending_file, data)
 
 
 # -- pending records: replay -----------------------------------------------------------

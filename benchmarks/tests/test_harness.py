@@ -56,7 +56,8 @@ def test_benchmark_artifacts_follow_the_serving_and_stage_contracts(tmp_path):
     model = save_model(tmp_path / "model.keras", 32)
     bundle = write_served_bundle(tmp_path / "models" / "bundle.zip", 32, model_file=model)
     p = Predictor.load(bundle)
-    assert p.class_names == ("safe", "sensitive") and p.decode == DecodeOptions(size=32)
+    assert p.class_names == ("safe", "sensitive")
+    assert p.decode == imagefactory.preprocess_options(size=32)
     assert p.operating_point.positive_class == "sensitive"
     assert p.operating_point.threshold == 0.5
     assert p.version["gate"]["passed"] is True
@@ -67,7 +68,7 @@ def test_benchmark_artifacts_follow_the_serving_and_stage_contracts(tmp_path):
     meta = json.loads((candidate / "metadata.json").read_text(encoding="utf-8"))
     assert meta["class_names"] == ["safe", "sensitive"] and meta["image_size"] == 32
     assert meta["class_counts"] == {"safe": 1, "sensitive": 1}
-    assert DecodeOptions.from_dict(meta["decode"]) == DecodeOptions(size=32)
+    assert DecodeOptions.from_dict(meta["decode"]) == imagefactory.preprocess_options(size=32)
     for key in ("backbone", "params_digest", "data_hash", "run_name"):
         assert isinstance(meta[key], str) and meta[key], key
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from imgclf.imaging import DecodeOptions, decode_stored_jpeg
+from imgclf.pipeline.stage_outputs import require
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,7 @@ class SplitList:
 
 def read_list(path: Path) -> SplitList:
     """The paths and labels of a split list (a missing list says which stage to run)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"split list not found: {path} (run the split stage first)")
+    require(path, written_by="split")
     with path.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     return SplitList([r["path"] for r in rows], [r["label"] for r in rows])

@@ -18,15 +18,14 @@ A failing gate fails the stage with one line (the MLflow run ends FAILED, tagged
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 from imgclf.bundle import Bundle, BundleError, read_run_facts, write_bundle, write_run_facts
 from imgclf.config import PATHS, StageError, load_params, setup_logging, stage_main
 from imgclf.params import Mlflow, Promote
+from imgclf.pipeline.stage_outputs import read_json
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +83,6 @@ def describe_promoted() -> str:
     return f"models/bundle.zip keeps the bundle promoted by {run} ({g['metric']} {g['value']})"
 
 
-def read_stage_output(path: Path) -> dict[str, Any]:
-    """A JSON file an earlier stage wrote (a clear error when it has not run)."""
-    if not path.is_file():
-        raise StageError(f"{path.relative_to(PATHS.root)} not found: run the report stage first")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def promote_bundle(info: dict[str, Any]) -> str:
     """Write ``models/bundle.zip`` (the candidate's model and ``info``); returns its md5."""
     md5 = write_bundle(PATHS.bundle, PATHS.model_file, info)
@@ -134,9 +126,9 @@ def register(run: Any, ml: Mlflow, verdict: dict[str, Any]) -> dict[str, Any] | 
 def main() -> None:
     params = load_params()
     setup_logging(params.base.log_level)
-    meta = read_stage_output(PATHS.model_metadata)
-    test_metrics = read_stage_output(PATHS.test_metrics)
-    op = read_stage_output(PATHS.operating_point)
+    meta = read_json(PATHS.model_metadata, written_by="train")
+    test_metrics = read_json(PATHS.test_metrics, written_by="report")
+    op = read_json(PATHS.operating_point, written_by="report")
     verdict = gate_verdict(test_metrics, params.promote)
     from imgclf import tracking
 

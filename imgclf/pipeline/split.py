@@ -31,6 +31,7 @@ from pathlib import Path
 from imgclf.config import PATHS, StageError, load_params, setup_logging, stage_main
 from imgclf.files import write_csv, write_json
 from imgclf.params import min_images_per_class
+from imgclf.pipeline.stage_outputs import require
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,7 @@ def check_counts(counts: dict[str, dict[str, int]], test_size: float, val_size: 
 
 def read_manifest(manifest: Path, processed_prefix: str) -> list[Item]:
     """Every processed image of ``data/manifest.csv`` with its raw content hash."""
-    if not manifest.is_file():
-        raise StageError(f"{manifest.name} not found: run the preprocess stage first")
+    require(manifest, written_by="preprocess")
     with manifest.open(newline="", encoding="utf-8") as fh:
         return [
             Item(row["output_path"], row["class"], row["sha256"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.imaging import DecodeOptions, decode_array
+from imgclf.imaging import decode_array
 from imgclf.pipeline.dataset import make_dataset
 from imgclf.pipeline.preprocess import preprocess
 from imgclf.serving.predictor import Predictor
@@ -45,8 +45,8 @@ def trained_and_served(tmp_path_factory):
         f.write(raw / "a" / name, make())
     out = {}
     for options in (
-        DecodeOptions(size=48, jpeg_quality=95),
-        DecodeOptions(size=32, mode="crop", jpeg_quality=70),
+        f.preprocess_options(size=48, mode="pad", jpeg_quality=95),
+        f.preprocess_options(size=32, mode="crop", jpeg_quality=70),
     ):
         root = tmp / f"{options.size}"
         outcomes, _ = preprocess(

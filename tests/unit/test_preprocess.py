@@ -583,7 +583,8 @@ def slow_ppm(comments: int = 200_000) -> bytes:
     return b"P2\n8 8\n255\n" + b"7 #\n" * comments + b"7 " * 64
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+# two worker processes (one killed at the deadline while the other goes on): integration tier
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.integration)])
 def test_a_decode_past_the_limit_is_quarantined_and_the_rest_goes_on(tmp_path: Path, workers):
     raw = tmp_path / "data" / "raw"
     slow = f.write(raw / "a" / "s" / "slow.pgm", slow_ppm())

@@ -46,6 +46,7 @@ def test_refuses_a_folder_it_did_not_write(tmp_path: Path, rel: str):
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [own]
 
 
+@pytest.mark.integration  # a subprocess: the CLI as a user runs it
 def test_cli_leaves_user_data_and_says_so(tmp_path: Path):
     own = tmp_path / "cats" / "tabby" / "1.jpg"
     own.parent.mkdir(parents=True)
