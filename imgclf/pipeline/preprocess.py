@@ -41,6 +41,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,7 +291,7 @@ def preprocess(
     if stale:
         log.info("removed %d temporary file(s) left by an interrupted run", stale)
     settings = WorkerSettings(raw, cache, options)
-    with StatRecords(cache_dir / "preprocess" / "state.sqlite") as records:
+    with closing(StatRecords(cache_dir / "preprocess" / "state.sqlite")) as records:
         found = hash_and_process(candidates, settings, workers, records, decode_timeout)
         records.commit()
         outcomes = decide_outcomes(files, found.hashes, found.errors, found.flags)

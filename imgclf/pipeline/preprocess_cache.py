@@ -12,7 +12,6 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from imgclf.files import write_bytes
 
@@ -59,8 +58,8 @@ class StatRecords:
     runs (queued experiments share the workspace cache) never corrupt them.
 
     ``hashes``: raw file (absolute path, size, mtime) -> SHA-256. ``outputs``: output file
-    -> (content tag, size, mtime) of the last sync. Use as a context manager: leaving it
-    commits and closes.
+    -> (content tag, size, mtime) of the last sync. :meth:`close` commits and closes
+    (use it with ``contextlib.closing``).
     """
 
     def __init__(self, path: Path) -> None:
@@ -75,17 +74,6 @@ class StatRecords:
             "CREATE TABLE IF NOT EXISTS outputs "
             "(path TEXT PRIMARY KEY, tag TEXT, size INTEGER, mtime INTEGER)"
         )
-
-    def __enter__(self) -> StatRecords:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def known_sha(self, path: str, size: int, mtime: int) -> str | None:
         """The SHA-256 recorded for a raw file with this stat, or None."""
