@@ -1,4 +1,5 @@
-"""Ruff lint and format are part of the suite (configured in pyproject.toml)."""
+"""Ruff lint and format, and the import layers of ARCHITECTURE.md (import-linter), are
+part of the suite (both configured in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 RUFF = Path(sys.executable).parent / "ruff"
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
 @pytest.mark.parametrize(
@@ -18,3 +20,13 @@ RUFF = Path(sys.executable).parent / "ruff"
 def test_ruff(args):
     proc = subprocess.run([str(RUFF), *args], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_import_layers():
+    """No stage imports another stage, pipeline and serving never import each other, the
+    shared modules import neither, and nothing imports ``imgclf.testing``."""
+    proc = subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Contracts: 3 kept, 0 broken." in proc.stdout
