@@ -11,7 +11,8 @@ import filelock
 import pytest
 
 from imgclf import tracking
-from imgclf.config import Paths
+from imgclf.config import PATHS, Paths
+from imgclf.tracking import store
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: connection refused at once
 
@@ -27,7 +28,7 @@ def fail_fast_http(monkeypatch):
 def waits(monkeypatch) -> list[float]:
     """The backoff waits the retry policy asks for, recorded instead of slept."""
     asked: list[float] = []
-    monkeypatch.setattr(tracking, "BUSY_RETRY", tracking.BUSY_RETRY.copy(sleep=asked.append))
+    monkeypatch.setattr(store, "BUSY_RETRY", store.BUSY_RETRY.copy(sleep=asked.append))
     return asked
 
 
@@ -43,7 +44,7 @@ def test_tracking_uri_env_overrides_and_default_is_the_workspace(tmp_path):
 
 
 def test_pending_dir_is_in_the_cache():
-    assert tracking.pending_dir() == tracking.PATHS.cache / "mlflow-pending"
+    assert tracking.pending_dir() == PATHS.cache / "mlflow-pending"
 
 
 def test_flatten_params():
@@ -59,7 +60,7 @@ def test_flatten_params():
 def test_store_lock_timeout_names_the_lock_file(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     lock_file = tmp_path / "mlflow.db.lock"
-    monkeypatch.setattr(tracking, "LOCK_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(store, "LOCK_TIMEOUT_S", 0.1)
     calls = []
     # another holder (flock locks belong to an open file, so this process can contend)
     with filelock.FileLock(lock_file), pytest.raises(TimeoutError) as info:
@@ -103,12 +104,12 @@ def _failing(times: int, error: Exception):
 
 def test_database_locked_is_retried_with_backoff_then_succeeds(tmp_path, waits, caplog):
     fn, calls = _failing(2, sqlite3.OperationalError("database is locked"))
-    with caplog.at_level(logging.INFO, logger="imgclf.tracking"):
+    with caplog.at_level(logging.INFO, logger="imgclf.tracking.store"):
         assert tracking.locked_call(f"sqlite:///{tmp_path / 'mlflow.db'}", fn) == "done"
     assert len(calls) == 3
     assert len(waits) == 2
     assert 0.2 <= waits[0] <= 0.4 and 0.4 <= waits[1] <= 0.6  # 0.2 * 2**n + jitter < 0.2
-    retries = [r for r in caplog.records if r.name == "imgclf.tracking"]
+    retries = [r for r in caplog.records if r.name == "imgclf.tracking.store"]
     assert [r.levelno for r in retries] == [logging.INFO, logging.INFO]
     assert "raised OperationalError: database is locked" in retries[0].getMessage()
 

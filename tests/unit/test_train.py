@@ -445,7 +445,13 @@ def test_build_model_with_local_weights_file(name, tmp_path):
     np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
     if name == "mobilenetv2":
         n = mdl.unfreeze_top(model, 10)
-        assert 0 < n <= 10 and base.trainable
+        # the top 10 layers of MobileNetV2 with average pooling, its 3 BatchNorms left frozen
+        top = ["block_16_expand_relu", "block_16_depthwise", "block_16_depthwise_relu"]
+        top += ["block_16_project", "Conv_1", "out_relu"]
+        unfrozen = [layer for layer in base.layers if layer.trainable]
+        assert n == 7 and base.trainable
+        assert [layer.name for layer in unfrozen[:-1]] == top
+        assert isinstance(unfrozen[-1], keras.layers.GlobalAveragePooling2D)
         assert not any(
             layer.trainable
             for layer in base.layers
