@@ -31,6 +31,10 @@ ATTEMPTS = 7  # waits 0.2, 0.4, ... 6.4 s (+ up to 0.2 s jitter each): about 13 
 # A remote server that is down should not stall a stage for minutes of HTTP retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+# MLflow's own INFO lines ("Creating initial MLflow database tables...") are noise in a
+# stage's log and break the one-line errors of the replay CLI; MLFLOW_LOGGING_LEVEL=INFO
+# brings them back.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 # -- where runs go ---------------------------------------------------------------------

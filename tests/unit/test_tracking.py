@@ -17,6 +17,12 @@ from imgclf.tracking import store
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: connection refused at once
 
 
+@pytest.fixture(autouse=True)
+def own_store(tmp_path, monkeypatch):
+    """Every test here has its own fresh store, never the workspace's ``mlflow.db``."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'own-store.db'}")
+
+
 @pytest.fixture
 def fail_fast_http(monkeypatch):
     """No HTTP retries against the unreachable store."""
@@ -209,6 +215,7 @@ def test_replay_of_an_empty_pending_folder_says_so(tmp_path, capsys):
 
 
 def test_replay_of_a_corrupt_record_is_one_error_line(tmp_path, capsys):
+    # a fresh store (own_store): MLflow's "Creating initial MLflow database tables" must not show
     bad = tmp_path / "run.json"
     bad.write_text("{not json")
     assert tracking.main(["replay", "--dir", str(tmp_path)]) == 1
