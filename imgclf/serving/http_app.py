@@ -11,7 +11,9 @@ Routes (bodies in :mod:`imgclf.serving.schemas`, all in ``/openapi.json``):
   is loaded.
 - ``GET /healthz`` (process alive), ``GET /readyz`` (model loaded and warmed),
   ``GET /version`` (model hashes, MLflow run id, class names), ``GET /`` (web page),
-  ``GET /docs`` and ``GET /openapi.json``.
+  ``GET /docs`` (Swagger UI) and ``GET /redoc`` (ReDoc), both served with their assets
+  from the installed ``fastapi-offline`` package, so they work without internet (no CDN),
+  and ``GET /openapi.json``.
 
 The app's lifespan owns the :class:`InferenceService` (loads the bundle, starts the
 batcher and the watcher; stops them); routes get it through ``Depends``.
@@ -25,13 +27,16 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Depends, FastAPI, File, Header, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgclf.serving.batching import Overloaded
@@ -53,6 +58,12 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 RAW_TYPES = ("image/", "application/octet-stream")
 RETRY = {"Retry-After": "1"}
+# Swagger UI 5 (renders OpenAPI 3.1, which FastAPI writes), ReDoc and a favicon, as files
+DOCS_ASSETS = Path(str(files("fastapi_offline") / "static"))
+DOCS_ASSETS_URL = "/docs-assets"
+# no call out of the machine: Swagger UI's default validator badge is an image from
+# validator.swagger.io
+SWAGGER_UI_PARAMETERS = {"validatorUrl": None}
 
 
 @dataclass(frozen=True)
@@ -217,6 +228,33 @@ async def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
+@router.get("/docs", include_in_schema=False)
+async def swagger_ui(request: Request) -> HTMLResponse:
+    """Swagger UI on ``/openapi.json``, its assets served by this app (works offline)."""
+    root = request.scope.get("root_path", "")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}{request.app.openapi_url}",
+        title=f"{request.app.title} - Swagger UI",
+        swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui.css",
+        swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+        swagger_ui_parameters=SWAGGER_UI_PARAMETERS,
+    )
+
+
+@router.get("/redoc", include_in_schema=False)
+async def redoc(request: Request) -> HTMLResponse:
+    """ReDoc on ``/openapi.json``, its script served by this app (no web fonts)."""
+    root = request.scope.get("root_path", "")
+    return get_redoc_html(
+        openapi_url=f"{root}{request.app.openapi_url}",
+        title=f"{request.app.title} - ReDoc",
+        redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
+        redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+        with_google_fonts=False,
+    )
+
+
 @router.get("/healthz", summary="Liveness: the process answers")
 async def healthz() -> Health:
     return Health()
@@ -294,9 +332,12 @@ def create_app(config: ServiceConfig, limits: HttpLimits) -> FastAPI:
         summary="Image classification: probabilities, top class and thresholded decision.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc are routes above, on local assets, not a CDN
+        redoc_url=None,
         form_limits={"max_files": limits.max_files, "max_fields": limits.max_files},
     )
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, read_timeout=limits.read_timeout)
     app.add_exception_handler(RequestValidationError, _bad_request)
     app.include_router(router)
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
     return app

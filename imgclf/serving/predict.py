@@ -4,11 +4,18 @@
     python serve/predict.py --image_source path/to/folder/ [--recursive]
 
 Prints the origin's JSON on stdout, ``{path: {class: probability}}``, plus top-level
-``__decision__`` (``{path: decision at the stored threshold}``) and, when some files could
-not be decoded, ``__errors__`` (``{path: reason}``); see :mod:`imgclf.serving.output`. ``--plain``
-prints exactly the origin's shape. Folders run in batches with progress on stderr. Exit
-status: 0 when at least one file was classified (undecodable ones are listed under
-``__errors__`` and logged), 1 when none could be, 2 when the source or the model is missing.
+``__decision__`` (``{path: decision at the stored threshold}``) and, when some entries could
+not be classified, ``__errors__`` (``{path: reason}``: a file that is not a decodable image,
+a FIFO or device, a dangling symbolic link, a link loop, a folder that cannot be read); see
+:mod:`imgclf.serving.output`. ``--plain`` prints exactly the origin's shape. Hidden entries
+are left out, and so are sub-folders without ``--recursive`` (counted on stderr). Folders
+run in batches with progress on stderr. The decoded-pixel limit is the server's,
+``max_pixels`` in ``serve.yaml``.
+
+Exit status: 0 when at least one file was classified (the entries that were not are listed
+under ``__errors__`` and logged), 1 when none was (an empty folder, no image in it, a source
+that is not a regular file), 2 when the source or the model is missing (a dangling link or a
+link loop counts as missing) or ``serve.yaml`` is invalid; never a traceback.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imgclf.config import PATHS, setup_logging
-from imgclf.serving.listing import image_files
+from imgclf.config import PATHS, load_serve, setup_logging, stage_main
+from imgclf.serving.listing import SourceMissing, scan
 from imgclf.serving.output import DECISION_KEY, ERRORS_KEY, origin_document
 from imgclf.serving.predictor import ModelLoadError, Predictor
 
@@ -58,28 +65,40 @@ def classify_with_progress(
     return answers
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> int:
     """Classify ``--image_source`` and print the origin's JSON; the exit status as above."""
     args = parse_args(argv)
     setup_logging(args.log_level)
+    max_pixels = load_serve().max_pixels  # the server's limit (a bad file: one line, 2)
     source: Path = args.image_source
-    if not source.exists():
-        log.error("image source not found: %s", source)
-        return 2
-    paths = image_files(source, args.recursive)
     try:
-        predictor = Predictor.load(args.model)
+        listing = scan(source, args.recursive)
+    except SourceMissing as exc:
+        log.error("image source not found: %s (%s)", source, exc)
+        return 2
+    try:
+        predictor = Predictor.load(args.model, max_pixels=max_pixels)
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2
-    doc = origin_document(classify_with_progress(predictor, paths, args.batch_size))
+    answers = classify_with_progress(predictor, listing.files, args.batch_size)
+    answers += [(str(path), {"error": reason}) for path, reason in listing.skipped.items()]
+    doc = origin_document(sorted(answers, key=lambda answer: Path(answer[0])))
     errors = doc.get(ERRORS_KEY, {})
     for path, reason in errors.items():
         log.warning("%s: %s", path, reason)
+    if listing.folders_left_out:
+        log.warning(
+            "%s: %d sub-folder(s) not scanned (add --recursive)", source, listing.folders_left_out
+        )
+    classified = len(answers) - len(errors)
+    if not classified:
+        log.warning("%s: no image classified", source)
     if args.plain:
         doc = {k: v for k, v in doc.items() if k not in (DECISION_KEY, ERRORS_KEY)}
     print(json.dumps(doc, indent=2))
-    return 1 if paths and len(errors) == len(paths) else 0
+    return 0 if classified else 1
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 
 from imgclf.config import PATHS
 from imgclf.serving.batching import Overloaded
-from imgclf.serving.listing import image_files
+from imgclf.serving.listing import scan
 from imgclf.serving.output import TIME_KEY, origin_document
 from imgclf.serving.service import InferenceService, NotReady
 
@@ -162,7 +162,8 @@ class TcpServer:
         head = f"> Scanning: {text}\n"
         start = time.perf_counter()
         try:
-            answers = await self._classify_all(self._entries(text))
+            entries, skipped = self._entries(text)
+            answers = sorted([*await self._classify_all(entries), *skipped.items()])
         except PathRefused as exc:
             return f"{head}> Error: {exc}\n".encode()
         except (Overloaded, NotReady) as exc:
@@ -177,16 +178,22 @@ class TcpServer:
         body = json.dumps(doc, indent=2)
         return f"{head}> Result for : {text}\n\n{body}\n\n".encode()
 
-    def _entries(self, text: str) -> list[Entry]:
+    def _entries(self, text: str) -> tuple[list[Entry], dict[str, dict[str, Any]]]:
         """What a path line names: the file, or the images directly in the folder (those
-        whose symlinks escape the scan roots refused)."""
+        whose symlinks escape the scan roots refused); and every other entry of the folder
+        (FIFO, dangling link, link loop...) with the reason it is not classified."""
         path = confine(text, self.roots)
         if path.is_file():
-            return [(text, path)]
+            return [(text, path)], {}
         if not path.is_dir():
             raise PathRefused(f"not a file or folder: {text}")
+        listing = scan(path)
+        if path in listing.skipped:  # the folder itself
+            raise PathRefused(f"{listing.skipped[path]}: {text}")
         prefix = text.rstrip("/")
-        return [(f"{prefix}/{file.name}", self._inside(file)) for file in image_files(path)]
+        entries = [(f"{prefix}/{file.name}", self._inside(file)) for file in listing.files]
+        skipped = {f"{prefix}/{p.name}": {"error": why} for p, why in listing.skipped.items()}
+        return entries, skipped
 
     def _inside(self, path: Path) -> Path | None:
         """The real file behind ``path``; None when it lies outside the scan roots."""

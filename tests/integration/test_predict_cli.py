@@ -1,4 +1,5 @@
-"""``python serve/predict.py`` as a user runs it: a folder with one bad file, a file, errors."""
+"""``python serve/predict.py`` as a user runs it: a folder with one bad file, a file, errors,
+special entries."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def test_missing_source_and_missing_model(setup, tmp_path):
     model, folder = setup
     out = run("--image_source", str(tmp_path / "nope"), "--model", str(model))
     assert out.returncode == 2 and out.stdout == ""
-    assert "image source not found" in out.stderr
+    assert "image source not found" in out.stderr and "no such file or directory" in out.stderr
     out = run("--image_source", str(folder), "--model", str(tmp_path / "no-model.zip"))
     assert out.returncode == 2 and out.stdout == ""
     assert "no model bundle at no-model.zip" in out.stderr
@@ -95,3 +96,26 @@ def test_bundle_that_failed_its_gate_is_refused(setup, tmp_path):
     out = run("--image_source", str(folder), "--model", str(failed))
     assert out.returncode == 2 and out.stdout == ""
     assert "failed.zip: the bundle did not pass its quality gate" in out.stderr
+
+
+def test_special_entries_are_reported_never_a_traceback_or_a_hang(setup, tmp_path):
+    """A FIFO is listed, not opened (that would block); ``/dev/null`` is no image: exit 1."""
+    model, _ = setup
+    folder = tmp_path / "mixed"
+    f.write(folder / "img.jpg", f.jpeg(1))
+    os.mkfifo(folder / "pipe")
+    (folder / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    out = run("--image_source", str(folder), "--model", str(model))
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert [k for k in doc if not k.startswith("__")] == [str(folder / "img.jpg")]
+    assert doc["__errors__"] == {
+        str(folder / "dangling.jpg"): f"dangling symbolic link (to {tmp_path / 'gone.jpg'})",
+        str(folder / "pipe"): "not a regular file (FIFO)",
+    }
+    assert "pipe: not a regular file (FIFO)" in out.stderr
+    out = run("--image_source", "/dev/null", "--model", str(model))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert json.loads(out.stdout)["__errors__"] == {
+        "/dev/null": "not a regular file (character device)"
+    }

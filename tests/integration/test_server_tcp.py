@@ -4,6 +4,7 @@ the server's start-up failures on bad flags."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -34,6 +35,12 @@ def tree(tmp_path_factory):
     (root / "imgs" / "link.jpg").symlink_to(tmp / "outside" / "secret.jpg")
     (root / "linkdir").symlink_to(tmp / "outside", target_is_directory=True)
     (root / "inner.jpg").symlink_to(root / "imgs" / "a.jpg")  # stays inside: allowed
+    # per-entry problems: each one an __errors__ entry, the rest of the folder answered
+    odd = root / "odd"
+    f.write(odd / "ok.jpg", f.jpeg(6))
+    os.mkfifo(odd / "fifo.jpg")
+    (odd / "dangling.jpg").symlink_to(odd / "gone.jpg")
+    (odd / "loop.jpg").symlink_to(odd / "loop.jpg")
     return tmp
 
 
@@ -104,6 +111,19 @@ def test_folder_non_recursive_with_bad_file_and_escaping_link(session, tree):
     assert set(doc["__errors__"]) == {folder + "bad.jpg", folder + "link.jpg"}
     assert "outside the scan roots" in doc["__errors__"][folder + "link.jpg"]
     assert "sub" not in json.dumps(doc)
+
+
+def test_folder_entries_that_are_not_files_are_errors_and_the_rest_is_answered(session, tree):
+    folder = str(tree / "root" / "odd") + "/"
+    doc = _json(session.ask(folder), folder)
+    assert list(doc["__decision__"]) == [folder + "ok.jpg"]
+    assert doc["__errors__"] == {
+        folder
+        + "dangling.jpg": f"dangling symbolic link (to {tree / 'root' / 'odd' / 'gone.jpg'})",
+        folder + "fifo.jpg": "not a regular file (FIFO)",
+        folder + "loop.jpg": "symbolic link loop",
+    }
+    assert session.ask(str(tree / "root" / "imgs" / "a.jpg")).startswith("> Scanning")
 
 
 def test_telnet_lf_only_and_partial_line_writes(session, tree):

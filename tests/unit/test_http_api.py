@@ -4,6 +4,7 @@ bundle, and the answers compared with the served predictor's own."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -282,7 +283,23 @@ def test_openapi_documents_bodies_and_errors(client):
     assert schema_of("/readyz", "get", "200") == "Readiness"
     assert schema_of("/readyz", "get", "503") == "Loading"
     assert schema_of("/healthz", "get", "200") == "Health"
-    assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_work_offline(client, page):
+    """Swagger UI and ReDoc load every asset from this app: no CDN, nothing from outside."""
+    html = client.get(page)
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert "http://" not in html.text and "https://" not in html.text
+    linked = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']+)', html.text)
+    assert any(url.endswith(".js") for url in linked), linked
+    for url in linked:
+        asset = client.get(url)
+        assert asset.status_code == 200 and asset.content, url
+    spec_url = re.search(r"(?:url: |spec-url=)'?\"?(/[^'\"]+)", html.text)
+    assert spec_url and client.get(spec_url[1]).json()["info"]["title"] == "imgclf"
+    if page == "/docs":
+        assert '"validatorUrl": null' in html.text  # no badge fetched from swagger.io
 
 
 def test_web_page_is_self_contained(client):
