@@ -7,6 +7,7 @@ Usage::
     python -m benchmarks --only preprocess,dvc
     python -m benchmarks --only threshold --out /tmp/R.md   # ~1 min, builds no corpus
     python -m benchmarks --only model --out /tmp/R.md       # ~5.5 min, builds no corpus
+    python -m benchmarks --only abuse --out /tmp/R.md       # ~3 min, builds no corpus
 
 Progress goes to stderr; each benchmark that fails is recorded as "not run: <reason>".
 """
@@ -39,9 +40,10 @@ BENCHMARKS = (
     ("memory", "Memory", "benchmarks.bench_memory:bench"),
     ("threshold", "Operating threshold", "benchmarks.bench_threshold:bench"),
     ("model", "Default model", "benchmarks.bench_model:bench"),
+    ("abuse", "Serving under abuse", "benchmarks.bench_abuse:bench"),
 )
 # Benchmarks that do not read the photo corpus: run alone, they do not build it.
-NO_CORPUS = frozenset({"threshold", "model"})
+NO_CORPUS = frozenset({"threshold", "model", "abuse"})
 # Run order: everything that forks worker processes before anything loads TensorFlow
 # into this process.
 RUN_ORDER = (
@@ -50,6 +52,7 @@ RUN_ORDER = (
     "dvc",
     "memory",
     "serving",
+    "abuse",
     "threshold",
     "input",
     "model",

@@ -21,6 +21,7 @@ PACKAGES = (
     "mlflow",
     "fastapi",
     "uvicorn",
+    "hypercorn",
 )
 
 

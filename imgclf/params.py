@@ -33,6 +33,10 @@ MOVED = {
     "serve": "serving settings live in serve.yaml now",
     "report.min_accuracy": "the quality gate is promote.metric and promote.min_value now",
     "mlflow.run_name": "runs are named after the DVC experiment now",
+    "http_max_connections": (
+        "no connection cap any more: deadlines close idle and slow connections "
+        "(http_idle_timeout, read_timeout, http_body_timeout)"
+    ),
 }
 
 
@@ -172,14 +176,17 @@ class ServeSettings(Section):
     max_body_bytes: Positive
     max_files: Positive
     max_pixels: Positive
+    http_idle_timeout: Annotated[float, Field(gt=0)]
     read_timeout: Annotated[float, Field(gt=0)]
+    http_body_timeout: Annotated[float, Field(gt=0)]
     max_batch: Positive
     batch_wait_ms: Annotated[float, Field(ge=0)]
     queue_size: Positive
     decode_workers: Positive
-    http_max_connections: Positive
     tcp_max_clients: Positive
     tcp_idle_timeout: Annotated[float, Field(gt=0)]
+    tcp_line_timeout: Annotated[float, Field(gt=0)]
+    tcp_drain_timeout: Annotated[float, Field(gt=0)]
     reload_poll_seconds: Annotated[float, Field(ge=0)]
 
 
@@ -203,6 +210,8 @@ def _describe(error: dict[str, Any], model: type[BaseModel], unknown: set[str]) 
     if kind == "extra_forbidden":
         close = difflib.get_close_matches(str(loc[-1]), _known_keys(model, loc), n=1)
         moved = difflib.get_close_matches(key, list(MOVED), n=1, cutoff=0.85)
+        if key in MOVED:
+            return f"{key}: unknown key ({MOVED[key]})"
         if close:
             return f"{key}: unknown key (did you mean '{close[0]}'?)"
         if moved:

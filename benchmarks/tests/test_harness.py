@@ -7,6 +7,7 @@ and reports (sections, numeric ratios, "not run" for what was not selected).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import bench_abuse as ba
 from benchmarks import bench_model as bm
 from benchmarks.__main__ import BENCHMARKS
 from benchmarks.common import Figure, Timing, repeat
@@ -116,6 +118,74 @@ def test_quick_run_writes_results(tmp_path):
         assert title in ratios, f"no numeric ratio for {title}:\n{text}"
         assert ratios[title] > 0
     assert re.search(r"\| Serving \| not run: not selected", text)
+
+
+# -- the abuse benchmark's attackers (benchmarks/bench_abuse.py) ---------------------------
+
+
+def test_abuse_attackers_count_what_the_server_closes_and_always_end(monkeypatch):
+    """Against toy servers (HTTP: a 408 and close after 0.2 s; TCP: a greeting, then
+    never a close), the attackers reconnect when closed, hold their sockets once stopped
+    and close them all on release, within bounds."""
+    monkeypatch.setattr(ba, "RAMP", 0.05)
+    monkeypatch.setattr(ba, "RECONNECT_DELAY", 0.1)
+    fleet = ba.Fleet(http_idle=3, http_headers=1, http_body=1, tcp_idle=2, tcp_line=1)
+    assert ba.Fleet().scaled(0.1) == ba.Fleet(100, 10, 10, 20, 2)
+    assert fleet.total == 8
+    tcp_open: set[asyncio.StreamWriter] = set()
+
+    async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.2)
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
+        writer.close()
+
+    async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tcp_open.add(writer)
+        writer.write(b"\n\nWelcome! Enter image path to scan\n# Path: ")
+        while await reader.read(4096):
+            pass
+        tcp_open.discard(writer)
+        writer.close()
+
+    async def scenario() -> ba.Attack:
+        http_server = await asyncio.start_server(http, ba.HOST, 0)
+        tcp_server = await asyncio.start_server(tcp, ba.HOST, 0)
+        ports = {
+            "http": http_server.sockets[0].getsockname()[1],
+            "tcp": tcp_server.sockets[0].getsockname()[1],
+        }
+        attack = ba.Attack(fleet, ports)
+        try:
+            attack.start()
+            await asyncio.sleep(0.8)
+            attack.stop()
+            await asyncio.sleep(0.6)  # the HTTP server closes what it held; none reconnect
+            assert attack.open == 3  # the TCP sessions, held
+            assert len(tcp_open) == 3
+        finally:
+            attack.release()
+            await asyncio.to_thread(attack.join, 5)
+            await asyncio.sleep(0.1)
+            http_server.close()
+            tcp_server.close()
+        return attack
+
+    attack = asyncio.run(scenario())
+    assert attack.error is None and attack.open == 0
+    for kind in ("http_idle", "http_headers", "http_body"):
+        t = attack.tallies[kind]
+        assert t.opened > getattr(fleet, kind), kind  # closed, then reconnected
+        assert t.closed_attacking + t.closed_holding == t.opened and t.released == 0
+        assert set(t.last_words) == {"HTTP 408"}
+    for kind in ("tcp_idle", "tcp_line"):
+        t = attack.tallies[kind]
+        assert t.opened == t.released == getattr(fleet, kind), kind
+        assert t.closed_attacking == t.closed_holding == 0
+    assert ba.percentile([3.0, 1.0, 2.0, 4.0], 0.5) in (2.0, 3.0)
+    assert ba.percentile([], 0.99) is None
+    assert ba._summary(b"# Path: \n> Error: idle timeout, closing\n") == (
+        "> Error: idle timeout, closing"
+    )
 
 
 # -- the model benchmark's data set (benchmarks/bench_model.py) ----------------------------

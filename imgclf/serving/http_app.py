@@ -68,24 +68,31 @@ SWAGGER_UI_PARAMETERS = {"validatorUrl": None}
 
 @dataclass(frozen=True)
 class HttpLimits:
-    """What one HTTP request may send."""
+    """What one HTTP request may send: its body's size, the longest pause between two of
+    its chunks and the time for all of it (seconds)."""
 
     max_body_bytes: int
     read_timeout: float
     max_files: int
+    body_timeout: float = 60.0
 
 
 class BodyLimit:
-    """ASGI middleware: read the whole body with a size cap and a per-read timeout.
+    """ASGI middleware: read the whole body with a size cap and two deadlines.
 
     Over ``max_bytes`` (by ``Content-Length`` or while streaming) answers 413; a client that
-    stops sending for ``read_timeout`` seconds gets 408. The app then sees the buffered body.
+    stops sending for ``read_timeout`` seconds, or has not sent all of it ``body_timeout``
+    seconds after the headers (however it trickles), gets 408 and the connection is
+    closed. The app then sees the buffered body.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float):
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, read_timeout: float, body_timeout: float = 60.0
+    ):
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -96,14 +103,21 @@ class BodyLimit:
         if length.isdigit() and int(length) > self.max_bytes:
             await _reject(send, 413, f"body larger than {self.max_bytes} bytes")
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
         chunks: list[bytes] = []
         size = 0
         more = True
         while more:
+            left = deadline - loop.time()
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout)
+                message = await asyncio.wait_for(receive(), min(self.read_timeout, left))
             except TimeoutError:
-                await _reject(send, 408, f"no body data for {self.read_timeout:g} s")
+                if left <= self.read_timeout:
+                    detail = f"body not complete within {self.body_timeout:g} s"
+                else:
+                    detail = f"no body data for {self.read_timeout:g} s"
+                await _reject(send, 408, detail)
                 return
             if message["type"] == "http.disconnect":
                 return
@@ -206,7 +220,7 @@ NOT_READY: dict[int | str, dict[str, Any]] = {
 }
 PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "empty or malformed body, too many files"},
-    408: {"model": ErrorBody, "description": "the body stopped arriving"},
+    408: {"model": ErrorBody, "description": "the body stopped arriving, or came too slowly"},
     413: {"model": ErrorBody, "description": "body larger than max_body_bytes"},
     415: {"model": ErrorBody, "description": "neither an image nor multipart/form-data"},
     422: {"model": PredictionFailed, "description": "no posted image could be decoded"},
@@ -336,7 +350,12 @@ def create_app(config: ServiceConfig, limits: HttpLimits) -> FastAPI:
         redoc_url=None,
         form_limits={"max_files": limits.max_files, "max_fields": limits.max_files},
     )
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, read_timeout=limits.read_timeout)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=limits.max_body_bytes,
+        read_timeout=limits.read_timeout,
+        body_timeout=limits.body_timeout,
+    )
     app.add_exception_handler(RequestValidationError, _bad_request)
     app.include_router(router)
     app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")

@@ -1,15 +1,21 @@
 """The HTTP side of a real ``serve/server.py`` process: what needs a socket and a process.
 
 The API's contract (bodies, status codes, OpenAPI) is tested in process, in
-``tests/unit/test_http_api.py``; here: one smoke test over a real socket, the read
-deadline, the bound address and a clean exit on SIGTERM.
+``tests/unit/test_http_api.py``; here: one smoke test over a real socket, the connection
+deadlines (headers, keep-alive idle, between body chunks, whole body) on raw sockets, health
+and predictions while many idle and slow connections are open, the bound address and a clean
+exit on SIGTERM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import select
 import socket
+import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -19,7 +25,11 @@ from imgclf.testing import images as f
 from imgclf.testing.bundles import make_bundle
 from imgclf.testing.server import ServerProcess
 
-READ_TIMEOUT = 1.0
+IDLE_TIMEOUT = 1.0  # to send a request's headers, and keep-alive idle time
+READ_TIMEOUT = 1.0  # between two body chunks
+BODY_TIMEOUT = 2.0  # for a whole body
+MARGIN = 1.0  # scheduling slack on a busy 2-core machine
+TRICKLE = 0.3  # seconds between two bytes of a slow client: under every per-read deadline
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +38,63 @@ def server(tmp_path_factory):
     srv = ServerProcess(
         tmp,
         make_bundle(tmp / "models"),
-        *("--read-timeout", str(READ_TIMEOUT), "--reload-poll-seconds", "0"),
+        *("--http-idle-timeout", str(IDLE_TIMEOUT), "--read-timeout", str(READ_TIMEOUT)),
+        *("--http-body-timeout", str(BODY_TIMEOUT), "--reload-poll-seconds", "0"),
     )
     yield srv
     assert srv.stop() == 0, srv.log()  # SIGTERM: a clean shutdown, not death by signal
+
+
+def _connect(server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.http_port), timeout=10)
+
+
+def _read_to_close(sock: socket.socket, within: float) -> bytes | None:
+    """What ``sock`` receives until the server closes it; None when it is still open after
+    ``within`` seconds."""
+    got = b""
+    deadline = time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([sock], [], [], left)[0]:
+            break
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+    return None
+
+
+def _response(sock: socket.socket) -> bytes:
+    """One whole response (headers and a ``Content-Length`` body) read from ``sock``."""
+    got = b""
+    while (chunk := sock.recv(4096)) and b"\r\n\r\n" not in (got := got + chunk):
+        pass
+    head, body = got.split(b"\r\n\r\n", 1)
+    fields = dict(line.split(b":", 1) for line in head.lower().split(b"\r\n")[1:])
+    while len(body) < int(fields[b"content-length"]) and (chunk := sock.recv(4096)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def _trickle(sock: socket.socket, data: bytes, within: float) -> tuple[bytes | None, float]:
+    """Send ``data`` one byte every ``TRICKLE`` seconds, up to the server's first answer or
+    close; what it sent back up to its close (None: still open after ``within`` seconds)
+    and the seconds that took."""
+    start = time.monotonic()
+    for byte in data:
+        if time.monotonic() - start > within:
+            break
+        if select.select([sock], [], [], TRICKLE)[0]:  # an answer, or the close
+            break
+        try:
+            sock.sendall(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    got = _read_to_close(sock, max(0.5, within - (time.monotonic() - start)))
+    return got, time.monotonic() - start
 
 
 def test_smoke_raw_and_multipart_over_a_real_socket(server):
@@ -52,7 +115,7 @@ def test_smoke_raw_and_multipart_over_a_real_socket(server):
 
 
 def test_slow_body_times_out_with_408(server):
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+    with _connect(server) as s:
         start = time.monotonic()  # before the server can start its clock
         s.sendall(
             b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
@@ -65,6 +128,106 @@ def test_slow_body_times_out_with_408(server):
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert json.loads(reply.split(b"\r\n\r\n", 1)[1]) == {"detail": "no body data for 1 s"}
     assert READ_TIMEOUT <= waited < READ_TIMEOUT + 3
+
+
+def test_connection_that_never_sends_is_closed_after_the_idle_deadline(server):
+    with _connect(server) as s:
+        start = time.monotonic()
+        got = _read_to_close(s, IDLE_TIMEOUT + MARGIN + 2)
+        waited = time.monotonic() - start
+    assert got == b"", f"still open after {waited:.1f} s"
+    assert IDLE_TIMEOUT - 0.1 <= waited < IDLE_TIMEOUT + MARGIN
+
+
+def test_headers_trickled_byte_by_byte_are_cut_at_the_idle_deadline(server):
+    """Every byte arrives well within any per-read timeout, but the headers never end in
+    time: the deadline runs from the connection's start and bytes do not extend it."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100 + b"\r\n\r\n"
+    with _connect(server) as s:
+        got, waited = _trickle(s, request, within=IDLE_TIMEOUT + MARGIN + 2)
+    assert got is not None, f"still open after {waited:.1f} s"
+    assert not got.startswith(b"HTTP/1.1 200"), got
+    assert IDLE_TIMEOUT - 0.1 <= waited < IDLE_TIMEOUT + MARGIN
+
+
+def test_body_trickled_past_the_whole_body_deadline_gets_408(server):
+    """Each byte comes within ``read_timeout`` of the last; the body as a whole does not
+    come within ``http_body_timeout``."""
+    with _connect(server) as s:
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 1000\r\n\r\n"
+        )
+        got, waited = _trickle(s, b"x" * 1000, within=BODY_TIMEOUT + MARGIN + 2)
+    assert got is not None, f"still open after {waited:.1f} s"
+    assert got.startswith(b"HTTP/1.1 408"), got
+    assert b"connection: close" in got.lower()
+    assert json.loads(got.split(b"\r\n\r\n", 1)[1]) == {
+        "detail": f"body not complete within {BODY_TIMEOUT:g} s"
+    }
+    assert BODY_TIMEOUT <= waited < BODY_TIMEOUT + MARGIN
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_idle_deadline(server):
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with _connect(server) as s:
+        s.sendall(request)
+        first = _response(s)
+        time.sleep(IDLE_TIMEOUT / 2)  # within the deadline: the connection is reused
+        s.sendall(request)
+        second = _response(s)
+        start = time.monotonic()  # after the reply: the idle clock runs from here
+        got = _read_to_close(s, IDLE_TIMEOUT + MARGIN + 2)
+        waited = time.monotonic() - start
+    assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200"), second
+    assert got == b"", f"still open after {waited:.1f} s"
+    assert IDLE_TIMEOUT - 0.1 <= waited < IDLE_TIMEOUT + MARGIN
+
+
+@contextlib.contextmanager
+def _slow_clients(server, idle: int, tricklers: int) -> Iterator[list[socket.socket]]:
+    """``idle`` connections that send nothing and ``tricklers`` that send a request's
+    headers one byte every ``TRICKLE`` seconds (from a thread), closed on exit."""
+    socks = [_connect(server) for _ in range(idle + tricklers)]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(TRICKLE):
+            for s in socks[idle:]:
+                with contextlib.suppress(OSError):
+                    s.send(b"X")  # a header name that never ends
+
+    for s in socks[idle:]:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        yield socks
+    finally:
+        stop.set()
+        thread.join()
+        for s in socks:
+            s.close()
+
+
+def test_health_and_predictions_answer_while_slow_clients_hold_connections(server):
+    """150 silent and 20 trickling connections (more than a connection cap such as
+    uvicorn's ``limit_concurrency`` of 128) take no slot from a normal client; the server
+    then closes them all by the idle deadline."""
+    with _slow_clients(server, idle=150, tricklers=20) as socks:
+        opened = time.monotonic()
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            health = client.get("/healthz")
+            ready = client.get("/readyz")
+            raw = client.post("/predict", content=f.jpeg(1), headers={"Content-Type": "image/jpeg"})
+        answered = time.monotonic() - opened
+        assert (health.status_code, ready.status_code) == (200, 200), health.text
+        assert raw.status_code == 200, raw.text
+        assert answered < IDLE_TIMEOUT  # while every slow connection was still open
+        # ... and none of them outlives the deadline
+        deadline = opened + IDLE_TIMEOUT + MARGIN
+        still_open = [s for s in socks if _read_to_close(s, deadline - time.monotonic()) is None]
+    assert not still_open, f"{len(still_open)} of {len(socks)} connections still open"
 
 
 def _connects(host: str, port: int) -> bool:

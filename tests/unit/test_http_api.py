@@ -3,6 +3,7 @@ bundle, and the answers compared with the served predictor's own."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -13,7 +14,13 @@ from datetime import datetime
 import pytest
 
 from imgclf.files import file_md5
-from imgclf.serving.http_app import HttpLimits, app_service, create_app, get_service
+from imgclf.serving.http_app import (
+    BodyLimit,
+    HttpLimits,
+    app_service,
+    create_app,
+    get_service,
+)
 from imgclf.serving.predictor import Predictor
 from imgclf.serving.service import FILE_CHANGED, InferenceService, ServiceConfig
 from imgclf.testing import images as f
@@ -34,7 +41,9 @@ MAX_BODY = 200_000
 MAX_FILES = 12
 QUEUE = 8
 RUN_ID = "5f" * 16  # the MLflow run the bundle's facts name
-LIMITS = HttpLimits(max_body_bytes=MAX_BODY, read_timeout=1.0, max_files=MAX_FILES)
+LIMITS = HttpLimits(
+    max_body_bytes=MAX_BODY, read_timeout=1.0, max_files=MAX_FILES, body_timeout=5.0
+)
 VERSION_KEYS = {
     "source", "dvc_lock", "registry", "bundle_md5", "class_names", "image_size",
     "operating_point", "gate", "metrics", "data_hash", "git_commit", "mlflow_run_id",
@@ -171,6 +180,59 @@ def test_oversized_streamed_body_without_length_is_413(client):
     r = client.post("/predict", content=chunks(), headers={"Content-Type": "image/jpeg"})
     assert r.status_code == 413
     assert r.json() == {"detail": f"body larger than {MAX_BODY} bytes"}
+
+
+def _through_body_limit(
+    chunks: list[tuple[float, bytes]], read_timeout: float, body_timeout: float
+) -> tuple[list[dict], bytes | None]:
+    """Run :class:`BodyLimit` on a POST whose body arrives as ``(delay, bytes)`` chunks (the
+    way a slow socket delivers it): what it sent back, and the body the app got (None when
+    the app was not called)."""
+    got: list[bytes] = []
+    sent: list[dict] = []
+
+    async def app(scope, receive, send) -> None:
+        got.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> dict:
+        delay, chunk = chunks.pop(0)
+        await asyncio.sleep(delay)
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "headers": []}
+    limit = BodyLimit(app, max_bytes=1000, read_timeout=read_timeout, body_timeout=body_timeout)
+    asyncio.run(limit(scope, receive, send))
+    return sent, (got[0] if got else None)
+
+
+@pytest.mark.parametrize(
+    ("delays", "status", "detail"),
+    [
+        ([0.05] * 4, 200, None),  # in time
+        ([0.05, 0.35], 408, "no body data for 0.2 s"),  # one pause too long
+        ([0.1] * 10, 408, "body not complete within 0.5 s"),  # each in time, all too slow
+    ],
+    ids=["in-time", "pause", "trickle"],
+)
+def test_body_deadlines_between_chunks_and_for_the_whole_body(delays, status, detail):
+    started = time.monotonic()
+    sent, body = _through_body_limit(
+        [(d, b"x") for d in delays], read_timeout=0.2, body_timeout=0.5
+    )
+    took = time.monotonic() - started
+    assert sent[0]["status"] == status
+    if status == 200:
+        assert body == b"x" * len(delays)
+        return
+    assert body is None  # the app never ran
+    assert (b"connection", b"close") in sent[0]["headers"]  # the server closes it
+    assert json.loads(sent[1]["body"]) == {"detail": detail}
+    assert took < 0.5 + 0.3  # at the deadline, not when the last chunk would have come
 
 
 @pytest.mark.parametrize(
