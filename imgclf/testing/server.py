@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +43,24 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def read_to_close(sock: socket.socket, within: float) -> bytes | None:
+    """What ``sock`` receives until the server closes (or drops) it; None when it is still
+    open after ``within`` seconds."""
+    got = b""
+    deadline = time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([sock], [], [], left)[0]:
+            return None
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+    return None
 
 
 def server_env() -> dict[str, str]:

@@ -23,7 +23,7 @@ import pytest
 from imgclf.files import file_md5
 from imgclf.testing import images as f
 from imgclf.testing.bundles import make_bundle
-from imgclf.testing.server import ServerProcess
+from imgclf.testing.server import ServerProcess, read_to_close
 
 IDLE_TIMEOUT = 1.0  # to send a request's headers, and keep-alive idle time
 READ_TIMEOUT = 1.0  # between two body chunks
@@ -47,24 +47,6 @@ def server(tmp_path_factory):
 
 def _connect(server) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.http_port), timeout=10)
-
-
-def _read_to_close(sock: socket.socket, within: float) -> bytes | None:
-    """What ``sock`` receives until the server closes it; None when it is still open after
-    ``within`` seconds."""
-    got = b""
-    deadline = time.monotonic() + within
-    while (left := deadline - time.monotonic()) > 0:
-        if not select.select([sock], [], [], left)[0]:
-            break
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return got
-        if not chunk:
-            return got
-        got += chunk
-    return None
 
 
 def _response(sock: socket.socket) -> bytes:
@@ -93,7 +75,7 @@ def _trickle(sock: socket.socket, data: bytes, within: float) -> tuple[bytes | N
             sock.sendall(bytes([byte]))
         except (BrokenPipeError, ConnectionResetError):
             break
-    got = _read_to_close(sock, max(0.5, within - (time.monotonic() - start)))
+    got = read_to_close(sock, max(0.5, within - (time.monotonic() - start)))
     return got, time.monotonic() - start
 
 
@@ -133,7 +115,7 @@ def test_slow_body_times_out_with_408(server):
 def test_connection_that_never_sends_is_closed_after_the_idle_deadline(server):
     with _connect(server) as s:
         start = time.monotonic()
-        got = _read_to_close(s, IDLE_TIMEOUT + MARGIN + 2)
+        got = read_to_close(s, IDLE_TIMEOUT + MARGIN + 2)
         waited = time.monotonic() - start
     assert got == b"", f"still open after {waited:.1f} s"
     assert IDLE_TIMEOUT - 0.1 <= waited < IDLE_TIMEOUT + MARGIN
@@ -177,7 +159,7 @@ def test_idle_keep_alive_connection_is_closed_after_the_idle_deadline(server):
         s.sendall(request)
         second = _response(s)
         start = time.monotonic()  # after the reply: the idle clock runs from here
-        got = _read_to_close(s, IDLE_TIMEOUT + MARGIN + 2)
+        got = read_to_close(s, IDLE_TIMEOUT + MARGIN + 2)
         waited = time.monotonic() - start
     assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200"), second
     assert got == b"", f"still open after {waited:.1f} s"
@@ -226,7 +208,7 @@ def test_health_and_predictions_answer_while_slow_clients_hold_connections(serve
         assert answered < IDLE_TIMEOUT  # while every slow connection was still open
         # ... and none of them outlives the deadline
         deadline = opened + IDLE_TIMEOUT + MARGIN
-        still_open = [s for s in socks if _read_to_close(s, deadline - time.monotonic()) is None]
+        still_open = [s for s in socks if read_to_close(s, deadline - time.monotonic()) is None]
     assert not still_open, f"{len(still_open)} of {len(socks)} connections still open"
 
 

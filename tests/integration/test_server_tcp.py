@@ -24,7 +24,7 @@ from imgclf.serving.predictor import Predictor
 from imgclf.serving.tcp import MAX_LINE
 from imgclf.testing import images as f
 from imgclf.testing.bundles import make_bundle
-from imgclf.testing.server import ServerProcess, poll, run_server_cli
+from imgclf.testing.server import ServerProcess, poll, read_to_close, run_server_cli
 
 GREETING = b"\n\nWelcome! Enter image path to scan\n# Path: "
 PROMPT = b"# Path: "
@@ -286,24 +286,6 @@ def test_the_line_after_an_over_long_line_is_answered(session, tree, pieces):
 
 
 # ------------------------------------------------------------- the quick server's limits
-def _read_to_close(sock: socket.socket, within: float) -> bytes | None:
-    """What ``sock`` receives until the server closes (or drops) it; None when it is still
-    open after ``within`` seconds."""
-    got = b""
-    deadline = time.monotonic() + within
-    while (left := deadline - time.monotonic()) > 0:
-        if not select.select([sock], [], [], left)[0]:
-            return None
-        try:
-            chunk = sock.recv(1 << 20)
-        except ConnectionResetError:
-            return got
-        if not chunk:
-            return got
-        got += chunk
-    return None
-
-
 def _greeting(server) -> bytes:
     """What a new client gets before the first prompt (or before it is closed)."""
     s = Session(server.tcp_port)
@@ -322,7 +304,7 @@ def test_an_idle_session_is_closed_at_the_idle_deadline(quick):
     s = Session(quick.tcp_port)
     assert s.read_until_prompt() == GREETING
     start = time.monotonic()
-    tail = _read_to_close(s.sock, IDLE + MARGIN)
+    tail = read_to_close(s.sock, IDLE + MARGIN)
     waited = time.monotonic() - start
     s.close()
     assert tail == f"\n> Error: idle for {IDLE:g} s, closing\n".encode()
@@ -343,7 +325,7 @@ def test_a_line_not_finished_by_the_line_deadline_closes_the_session(quick, tree
         if time.monotonic() - start > LINE + MARGIN:
             break
         s.sock.sendall(bytes([byte]))
-    tail = _read_to_close(s.sock, MARGIN)
+    tail = read_to_close(s.sock, MARGIN)
     waited = time.monotonic() - start
     s.close()
     assert tail == f"\n> Error: line not finished within {LINE:g} s, closing\n".encode()
@@ -361,7 +343,7 @@ def test_when_full_of_idle_sessions_the_longest_idle_one_makes_room(quick, tree)
     sessions.append(newcomer)
     try:
         assert newcomer.read_until_prompt() == GREETING
-        assert _read_to_close(oldest.sock, MARGIN) == MADE_ROOM
+        assert read_to_close(oldest.sock, MARGIN) == MADE_ROOM
         path = str(tree / "root" / "imgs" / "a.jpg")
         for s in (*others, newcomer):
             assert path in _json(s.ask(path), path)
@@ -395,7 +377,7 @@ def test_clients_that_never_read_are_dropped_at_the_drain_deadline_and_free_thei
         assert poll(lambda: _greeting(quick) == GREETING, timeout=DRAIN + 2 * MARGIN, interval=0.2)
         assert time.monotonic() - start < DRAIN + 2 * MARGIN
         for sock in stalled:  # dropped in the middle of its replies
-            got = _read_to_close(sock, MARGIN)
+            got = read_to_close(sock, MARGIN)
             assert got is not None and len(got) < (REPEATS - 1) * NOISE * len(FAR)
     finally:
         for sock in stalled:
