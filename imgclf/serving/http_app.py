@@ -74,7 +74,7 @@ class HttpLimits:
     max_body_bytes: int
     read_timeout: float
     max_files: int
-    body_timeout: float = 60.0
+    body_timeout: float
 
 
 class BodyLimit:
@@ -86,9 +86,7 @@ class BodyLimit:
     closed. The app then sees the buffered body.
     """
 
-    def __init__(
-        self, app: ASGIApp, max_bytes: int, read_timeout: float, body_timeout: float = 60.0
-    ):
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float, body_timeout: float):
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout

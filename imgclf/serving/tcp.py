@@ -124,11 +124,11 @@ class TcpServer:
         self,
         service: InferenceService,
         roots: Sequence[Path],
-        idle_timeout: float = 60.0,
-        max_clients: int = 32,
+        idle_timeout: float,
+        max_clients: int,
         *,
-        line_timeout: float = 10.0,
-        drain_timeout: float = 30.0,
+        line_timeout: float,
+        drain_timeout: float,
     ):
         self.service = service
         self.roots = [Path(r).resolve() for r in roots]
