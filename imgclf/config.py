@@ -84,6 +84,16 @@ class Paths:
         return self.root / "data" / "manifest.csv"
 
     @property
+    def fingerprints(self) -> Path:
+        """Near-duplicate fingerprints of every processed image's raw content."""
+        return self.root / "data" / "fingerprints.csv"
+
+    @property
+    def overrides(self) -> Path:
+        """The user's decisions (relabel, exclude), versioned with git."""
+        return self.root / "data" / "labels_override.csv"
+
+    @property
     def split_dir(self) -> Path:
         return self.root / "data" / "split"
 
@@ -122,6 +132,11 @@ class Paths:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics"
+
+    @property
+    def audit(self) -> Path:
+        """The ``audit`` stage's suspects, summary and gallery."""
+        return self.metrics / "audit"
 
     @property
     def test_metrics(self) -> Path:

@@ -67,10 +67,16 @@ class Preprocess(Section):
     decode_timeout: Annotated[float, Field(gt=0)]
 
 
+class NearDuplicates(Section):
+    max_distance: Annotated[int, Field(ge=0, le=32)] | None
+    min_similarity: Annotated[float, Field(ge=-1.0, le=1.0)]
+
+
 class Split(Section):
     seed: Annotated[int, Field(ge=0)] | None
     test_size: Fraction
     val_size: Fraction
+    near_duplicates: NearDuplicates
 
 
 class Augment(Section):
@@ -122,6 +128,14 @@ class Report(Section):
     batch_size: Positive
 
 
+class Audit(Section):
+    model: Literal["knn", "svm", "cnn"]
+    folds: Annotated[int, Field(ge=2, le=20)]
+    feature_size: Annotated[int, Field(ge=4, le=64)]
+    epochs: Positive
+    exclude: Literal["none", "label_issues", "suspects"]
+
+
 class Promote(Section):
     metric: Literal[GATE_METRICS]  # type: ignore[valid-type]
     min_value: Annotated[float, Field(ge=0.0, le=1.0)]
@@ -140,6 +154,7 @@ class Params(Section):
     base: Base
     preprocess: Preprocess
     split: Split
+    audit: Audit
     train: Train
     report: Report
     promote: Promote

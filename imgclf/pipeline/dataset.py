@@ -35,11 +35,12 @@ class SplitList:
         return [f"{root}/{path}" for path in self.paths]
 
 
-def read_list(path: Path) -> SplitList:
-    """The paths and labels of a split list (a missing list says which stage to run)."""
+def read_list(path: Path, exclude: frozenset[str] = frozenset()) -> SplitList:
+    """The paths and labels of a split list, without the paths in ``exclude`` (a missing
+    list says which stage to run)."""
     require(path, written_by="split")
     with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+        rows = [r for r in csv.DictReader(fh) if r["path"] not in exclude]
     return SplitList([r["path"] for r in rows], [r["label"] for r in rows])
 
 
@@ -52,12 +53,18 @@ def encode_labels(labels: Sequence[str], class_names: Sequence[str]) -> np.ndarr
     return np.array([index[label] for label in labels], dtype=np.int32)
 
 
-def data_hash(files: Sequence[Path], decode: DecodeOptions) -> str:
+def data_hash(
+    files: Sequence[Path], decode: DecodeOptions, exclude: frozenset[str] = frozenset()
+) -> str:
     """SHA-256 (16 hex digits) over the split lists (every raw image's content hash and
-    side) and the decode settings that turned raw images into training pixels."""
+    side), the decode settings that turned raw images into training pixels, and the paths
+    left out of training (``audit.exclude``; none adds nothing, so hashes of runs without
+    exclusions are unchanged)."""
     h = hashlib.sha256(json.dumps(decode.to_dict(), sort_keys=True).encode())
     for path in files:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    if exclude:
+        h.update(b"exclude\0" + "\n".join(sorted(exclude)).encode())
     return h.hexdigest()[:16]
 
 

@@ -7,8 +7,11 @@ Outputs (``data/raw`` is only ever read):
 - ``data/invalid/<class>/<output name>``: byte copies of unusable files (the origin's
   quarantine), files outside any class folder go to ``data/invalid/_unlabelled/``;
 - ``data/manifest.csv``: one row per raw file with its class, subclass, SHA-256 and
-  outcome (``processed``, ``invalid`` with the reason in words, or ``skipped``), and
-  ``flags`` (``blank`` for a near-uniform processed image: kept, but worth a look).
+  outcome (``processed``, ``invalid`` with the reason in words, ``excluded`` by a decision,
+  or ``skipped``), and ``flags`` (``blank`` for a near-uniform processed image: kept, but
+  worth a look);
+- ``data/fingerprints.csv``: the near-duplicate fingerprint (pHash and 16x16 thumbnail, see
+  :mod:`~imgclf.pipeline.near_duplicates`) of every processed content hash, for ``split``.
 
 Rules:
 
@@ -17,6 +20,9 @@ Rules:
 - Output names join the path below the class folder with ``__``; when two files would get
   the same name, both get a short hash of their raw path appended, so nothing is ever
   overwritten.
+- ``data/labels_override.csv`` (:mod:`~imgclf.pipeline.overrides`) is applied first: a
+  relabelled image is processed into its new class (the manifest's ``class``; its reason
+  names the decision), an excluded one is listed as ``excluded``.
 - The same image content under two different classes is a label conflict: every copy is
   quarantined with that reason. Identical content within one class is kept.
 - Hidden files (``.DS_Store``) and sidecar files by extension (``.txt`` captions, ``.json``,
@@ -48,6 +54,9 @@ from pathlib import Path
 from imgclf.config import PATHS, StageError, digest, load_params, setup_logging, stage_main
 from imgclf.files import write_csv
 from imgclf.imaging import DecodeOptions
+from imgclf.params import raw_classes
+from imgclf.pipeline.near_duplicates import Fingerprint
+from imgclf.pipeline.overrides import Override, check_paths, read_overrides
 from imgclf.pipeline.preprocess_cache import BLANK, ContentCache, StatRecords
 from imgclf.pipeline.preprocess_outputs import OutputFile, remove_stale_temp_files, sync_outputs
 from imgclf.pipeline.preprocess_workers import (
@@ -101,7 +110,7 @@ class Outcome:
 
     raw: RawFile
     sha256: str
-    status: str  # processed | invalid | skipped
+    status: str  # processed | invalid | excluded | skipped
     output: str
     reason: str
     flags: str = ""  # "blank" for a near-uniform processed image, else empty
@@ -173,17 +182,33 @@ def label_conflicts(hashes: dict[str, str], files: Iterable[RawFile]) -> dict[st
     return reasons
 
 
+def apply_labels(files: list[RawFile], decisions: dict[str, Override]) -> list[RawFile]:
+    """``files`` with the classes of the relabel decisions (by raw path relative to the
+    raw folder)."""
+    out = []
+    for f in files:
+        decision = decisions.get(f.rel)
+        relabel = decision is not None and decision.label is not None
+        out.append(RawFile(f.rel, decision.label, f.subclass) if relabel else f)
+    return out
+
+
 def decide_outcomes(
     files: list[RawFile],
     hashes: dict[str, str],
     errors: dict[str, str],
     flags: dict[str, str] | None = None,
+    decisions: dict[str, Override] | None = None,
 ) -> list[Outcome]:
-    """Decide each raw file's outcome (processed, invalid or skipped) and output name from
-    content hashes, decode errors and image flags (pure)."""
-    flags = flags or {}
-    conflicts = label_conflicts(hashes, (f for f in files if f.rel not in errors))
-    candidates = [f for f in files if f.skip_reason is None]
+    """Decide each raw file's outcome (processed, invalid, excluded or skipped) and output
+    name from content hashes, decode errors, image flags and the user's ``decisions`` (by
+    raw path relative to the raw folder; relabels already applied by :func:`apply_labels`)
+    (pure)."""
+    flags, decisions = flags or {}, decisions or {}
+    excluded = {rel for rel, d in decisions.items() if d.label is None}
+    usable = (f for f in files if f.rel not in errors and f.rel not in excluded)
+    conflicts = label_conflicts(hashes, usable)
+    candidates = [f for f in files if f.skip_reason is None and f.rel not in excluded]
     good = [f for f in candidates if f.label is not None and f.rel not in errors]
     good = [f for f in good if f.rel not in conflicts]
     good_set = {f.rel for f in good}
@@ -194,11 +219,14 @@ def decide_outcomes(
     for f in files:
         sha = hashes.get(f.rel, "")
         folder = f.label if f.label is not None else UNLABELLED
+        decided = decisions[f.rel].reason if f.rel in decisions else ""
         if f.skip_reason is not None:
             outcomes.append(Outcome(f, sha, "skipped", "", f.skip_reason))
+        elif f.rel in excluded:
+            outcomes.append(Outcome(f, sha, "excluded", "", decided))
         elif f.rel in good_set:
             output = f"{folder}/{processed_names[f.rel]}"
-            outcomes.append(Outcome(f, sha, "processed", output, "", flags.get(f.rel, "")))
+            outcomes.append(Outcome(f, sha, "processed", output, decided, flags.get(f.rel, "")))
         else:
             reason = (
                 "not inside a class folder"
@@ -227,16 +255,18 @@ def output_files(
     return wanted
 
 
+def _prefix(folder: Path, root: Path) -> str:
+    """How the manifest writes paths in ``folder``: relative to ``root`` when inside it."""
+    shown = folder.relative_to(root) if folder.is_relative_to(root) else folder
+    return f"{shown.as_posix()}/"
+
+
 def write_manifest(
     outcomes: list[Outcome], path: Path, raw: Path, processed: Path, invalid: Path, root: Path
 ) -> None:
     """One CSV row per raw file; paths relative to ``root`` when inside it."""
-
-    def prefix(folder: Path) -> str:
-        shown = folder.relative_to(root) if folder.is_relative_to(root) else folder
-        return f"{shown.as_posix()}/"
-
-    raw_at, bases = prefix(raw), {"processed": prefix(processed), "invalid": prefix(invalid)}
+    raw_at = _prefix(raw, root)
+    bases = {"processed": _prefix(processed, root), "invalid": _prefix(invalid, root)}
     rows = (
         (
             raw_at + o.raw.rel,
@@ -251,6 +281,29 @@ def write_manifest(
         for o in outcomes
     )
     write_csv(path, MANIFEST_FIELDS, rows)
+
+
+def write_fingerprints(
+    outcomes: Iterable[Outcome], fingerprints: dict[str, bytes], path: Path
+) -> None:
+    """``sha256,phash,thumb`` (hex) of every processed content hash, sorted by hash."""
+    shas = sorted({o.sha256 for o in outcomes if o.status == "processed"})
+    rows = []
+    for sha in shas:
+        fp = Fingerprint.from_bytes(fingerprints[sha])
+        rows.append((sha, f"{fp.phash:016x}", fp.thumb.hex()))
+    write_csv(path, ("sha256", "phash", "thumb"), rows)
+
+
+def relative_decisions(
+    decisions: dict[str, Override], files: list[RawFile], raw_prefix: str, source: str
+) -> dict[str, Override]:
+    """``decisions`` keyed by raw path as in the manifest (``raw_prefix`` + path in the raw
+    folder) re-keyed by path in the raw folder; an unknown path is an
+    :class:`~imgclf.pipeline.overrides.OverrideError`.
+    """
+    check_paths(decisions, {raw_prefix + f.rel for f in files}, source)
+    return {path.removeprefix(raw_prefix): d for path, d in decisions.items()}
 
 
 def check_layout(raw: Path, outputs: Iterable[Path]) -> None:
@@ -273,16 +326,25 @@ def preprocess(
     root: Path,
     *,
     decode_timeout: float | None = None,
+    overrides: Path | None = None,
 ) -> tuple[list[Outcome], RunStats]:
     """Run the whole stage on explicit paths; returns the outcomes and timing stats.
 
     ``decode_timeout``: seconds one file may take to decode (None: no limit); a file past
     it is quarantined with a ``timeout`` reason, not cached, and the stage goes on.
+    ``overrides``: the decisions file (:mod:`~imgclf.pipeline.overrides`), read and checked
+    before anything is written. The fingerprints go to ``fingerprints.csv`` beside
+    ``manifest``.
     """
     if decode_timeout is not None and not decode_timeout > 0:
         raise ValueError(f"decode_timeout must be positive seconds, got {decode_timeout}")
     check_layout(raw, (processed, invalid, manifest, cache_dir))
     files = scan_raw(raw)
+    decisions: dict[str, Override] = {}
+    if overrides is not None:
+        found = read_overrides(overrides, set(raw_classes(raw)))
+        decisions = relative_decisions(found, files, _prefix(raw, root), overrides.name)
+        files = apply_labels(files, decisions)
     candidates = [f.rel for f in files if f.skip_reason is None]
     cache = ContentCache(
         cache_dir / "preprocess" / digest({**options.to_dict(), "code": code_version()})
@@ -294,11 +356,12 @@ def preprocess(
     with closing(StatRecords(cache_dir / "preprocess" / "state.sqlite")) as records:
         found = hash_and_process(candidates, settings, workers, records, decode_timeout)
         records.commit()
-        outcomes = decide_outcomes(files, found.hashes, found.errors, found.flags)
+        outcomes = decide_outcomes(files, found.hashes, found.errors, found.flags, decisions)
         wanted = output_files(outcomes, raw, cache, processed, invalid)
         found.stats.written = sync_outputs(wanted, (processed, invalid), records)
     found.stats.files = len(files)
     write_manifest(outcomes, manifest, raw, processed, invalid, root)
+    write_fingerprints(outcomes, found.fingerprints, manifest.with_name("fingerprints.csv"))
     return outcomes, found.stats
 
 
@@ -384,6 +447,7 @@ def main() -> None:
         cfg.workers or (os.cpu_count() or 1),
         PATHS.root,
         decode_timeout=cfg.decode_timeout,
+        overrides=PATHS.overrides,
     )
     log_run(outcomes, stats)
     if not any(o.status == "processed" for o in outcomes):

@@ -1,8 +1,9 @@
 """What ``preprocess`` keeps between runs, outside the DVC outs, so a rerun decodes only new
 or changed content and rewrites only outputs that changed.
 
-- :class:`ContentCache`: per raw content hash, the processed JPEG or the reason the file
-  is invalid, in a folder keyed by the processing settings and code version;
+- :class:`ContentCache`: per raw content hash, the processed JPEG and the near-duplicate
+  fingerprint of a usable file, or the reason the file is invalid, in a folder keyed by
+  the processing settings and code version;
 - :class:`StatRecords`: an SQLite file of raw file hashes by (path, size, mtime), so an
   unchanged file is not even read, and of what the last output sync wrote.
 """
@@ -12,16 +13,27 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from imgclf.files import write_bytes
 
 BLANK = "blank"  # flag of a processed image that is near-uniform (imaging.is_blank)
 
 
+class CacheEntry(NamedTuple):
+    """What the cache knows of one content hash: the invalid reason (None for a usable
+    image), its flags and its near-duplicate fingerprint (bytes; empty when invalid)."""
+
+    error: str | None
+    flags: str
+    fingerprint: bytes
+
+
 @dataclass(frozen=True)
 class ContentCache:
     """Per content hash: the processed JPEG (``.jpg``, or ``.blank.jpg`` for a near-uniform
-    image, so the flag costs no extra file) or the invalid reason (``.err``)."""
+    image, so the flag costs no extra file) and the fingerprint (``.fp``), or the invalid
+    reason (``.err``)."""
 
     folder: Path
 
@@ -33,20 +45,26 @@ class ContentCache:
         """The processed JPEG of ``sha`` with these flags."""
         return self.entry(sha, ".blank.jpg" if flags == BLANK else ".jpg")
 
-    def lookup(self, sha: str) -> tuple[bool, str | None, str]:
-        """(found, invalid reason or None, flags); one stat for the common case."""
-        if self.entry(sha, ".jpg").is_file():
-            return True, None, ""
-        if self.entry(sha, ".blank.jpg").is_file():
-            return True, None, BLANK
-        err = self.entry(sha, ".err")
-        if err.is_file():
-            return True, err.read_text(encoding="utf-8"), ""
-        return False, None, ""
+    def lookup(self, sha: str) -> CacheEntry | None:
+        """The entry of ``sha``, or None when it is not (completely) cached."""
+        try:
+            fingerprint = self.entry(sha, ".fp").read_bytes()
+        except FileNotFoundError:
+            err = self.entry(sha, ".err")
+            if err.is_file():
+                return CacheEntry(err.read_text(encoding="utf-8"), "", b"")
+            return None
+        for flags in ("", BLANK):
+            if self.jpeg(sha, flags).is_file():
+                return CacheEntry(None, flags, fingerprint)
+        return None
 
-    def store_jpeg(self, sha: str, flags: str, blob: bytes) -> None:
-        """Keep the processed JPEG of ``sha`` (written atomically: parallel runs share it)."""
+    def store_jpeg(self, sha: str, flags: str, blob: bytes, fingerprint: bytes) -> None:
+        """Keep the processed JPEG and the fingerprint of ``sha`` (each written atomically,
+        the fingerprint last: parallel runs share the cache, and :meth:`lookup` needs both).
+        """
         write_bytes(self.jpeg(sha, flags), blob)
+        write_bytes(self.entry(sha, ".fp"), fingerprint)
 
     def store_error(self, sha: str, reason: str) -> None:
         """Keep why content ``sha`` is not a usable image."""

@@ -31,8 +31,8 @@ from imgclf import capture, imaging
 from imgclf.capture import CapturedOutput
 from imgclf.files import file_sha256
 from imgclf.imaging import DecodeOptions, InvalidImage
-from imgclf.pipeline import preprocess_cache
-from imgclf.pipeline.preprocess_cache import BLANK, ContentCache, StatRecords
+from imgclf.pipeline import near_duplicates, preprocess_cache
+from imgclf.pipeline.preprocess_cache import BLANK, CacheEntry, ContentCache, StatRecords
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +44,32 @@ Task = tuple[str, str | None]  # (raw path relative to the raw folder, SHA-256 i
 
 def code_version() -> str:
     """Hash of the code that decides cached bytes: the decoder, the decoder-message digest,
-    this module, the cache layout, and Pillow's version."""
+    the fingerprint, this module, the cache layout, and Pillow's version."""
     h = hashlib.sha256(PIL.__version__.encode())
-    for source in (imaging.__file__, capture.__file__, __file__, preprocess_cache.__file__):
+    sources = (imaging, capture, near_duplicates, preprocess_cache)
+    for source in (*(m.__file__ for m in sources), __file__):
         h.update(Path(source).read_bytes())
     return h.hexdigest()[:16]
 
 
-def process_image(data: bytes, options: DecodeOptions) -> tuple[bytes, str]:
+def process_image(data: bytes, options: DecodeOptions) -> tuple[bytes, str, bytes]:
     """Decode, fit and re-encode one image at ``options.jpeg_quality``; returns (JPEG
-    bytes, flags).
+    bytes, flags, near-duplicate fingerprint bytes).
 
     ``flags`` is ``"blank"`` when the picture part of the fitted image (padding excluded)
-    is near-uniform. Raises InvalidImage with the reason.
+    is near-uniform. The fingerprint comes from the raw bytes with fixed settings
+    (:func:`~imgclf.pipeline.near_duplicates.fingerprint`), never from ``options``.
+    Raises InvalidImage with the reason.
     """
     img = imaging.load_rgb(data, options)
     fitted, content = imaging.fit_square_content(img, options)
     flags = BLANK if imaging.is_blank(content) else ""
-    return imaging.encode_jpeg(fitted, options.jpeg_quality), flags
+    jpeg = imaging.encode_jpeg(fitted, options.jpeg_quality)
+    try:
+        fingerprint = near_duplicates.fingerprint(data).to_bytes()
+    except Exception as exc:  # as in load_rgb: hostile bytes raise anything
+        raise InvalidImage(f"truncated or corrupt image: {type(exc).__name__}: {exc}") from None
+    return jpeg, flags, fingerprint
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,13 @@ class TaskResult(NamedTuple):
     error: str | None
     decoded: bool
     flags: str = ""
+    fingerprint: bytes = b""
     messages: str = ""
+
+    @classmethod
+    def cached(cls, rel: str, sha: str, entry: CacheEntry) -> TaskResult:
+        """The result of a file whose content is in the cache."""
+        return cls(rel, sha, entry.error, False, entry.flags, entry.fingerprint)
 
 
 @dataclass
@@ -99,11 +113,13 @@ class RunStats:
 @dataclass
 class ProcessResults:
     """What :func:`hash_and_process` found, by raw path: content hash, invalid reason (only
-    for invalid files), flags (only when set); and the run's counts."""
+    for invalid files), flags (only when set); fingerprints by content hash (usable
+    images); and the run's counts."""
 
     hashes: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     flags: dict[str, str] = field(default_factory=dict)
+    fingerprints: dict[str, bytes] = field(default_factory=dict)
     stats: RunStats = field(default_factory=RunStats)
 
     def add(self, result: TaskResult) -> None:
@@ -113,6 +129,8 @@ class ProcessResults:
             self.errors[result.rel] = result.error
         if result.flags:
             self.flags[result.rel] = result.flags
+        if result.fingerprint:
+            self.fingerprints[result.sha] = result.fingerprint
         if result.decoded:
             self.stats.decoded += 1
         else:
@@ -130,19 +148,19 @@ def run_task(settings: WorkerSettings, rel: str, known_sha: str | None) -> TaskR
     except OSError as exc:
         return TaskResult(rel, known_sha or "", f"unreadable file: {exc.strerror or exc}", False)
     sha = hashlib.sha256(data).hexdigest()
-    found, error, flags = settings.cache.lookup(sha)
-    if found:
-        return TaskResult(rel, sha, error, False, flags)
+    entry = settings.cache.lookup(sha)
+    if entry is not None:
+        return TaskResult.cached(rel, sha, entry)
     said = CapturedOutput()
     try:
         with said:
-            blob, flags = process_image(data, settings.options)
+            blob, flags, fingerprint = process_image(data, settings.options)
     except InvalidImage as exc:
         reason = f"{exc} (decoder said: {said.text})" if said.text else str(exc)
         settings.cache.store_error(sha, reason)
         return TaskResult(rel, sha, reason, True)
-    settings.cache.store_jpeg(sha, flags, blob)
-    return TaskResult(rel, sha, None, True, flags, said.text)
+    settings.cache.store_jpeg(sha, flags, blob, fingerprint)
+    return TaskResult(rel, sha, None, True, flags, fingerprint, said.text)
 
 
 def timeout_reason(seconds: float) -> str:
@@ -246,9 +264,9 @@ def hash_and_process(
         st = os.stat(path)
         sha = records.known_sha(path, st.st_size, st.st_mtime_ns)
         if sha is not None:
-            found, error, flags = settings.cache.lookup(sha)
-            if found:
-                results.add(TaskResult(rel, sha, error, False, flags))
+            entry = settings.cache.lookup(sha)
+            if entry is not None:
+                results.add(TaskResult.cached(rel, sha, entry))
                 continue
         tasks.append((rel, sha))
         stat_of[rel] = (st.st_size, st.st_mtime_ns)

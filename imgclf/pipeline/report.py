@@ -67,6 +67,7 @@ from imgclf.pipeline.report_metrics import (
 from imgclf.pipeline.report_mistakes import MISTAKE_FIELDS, mistakes_grid
 from imgclf.pipeline.report_plots import plot_confusion, plot_curves
 from imgclf.pipeline.stage_outputs import read_json
+from imgclf.pipeline.suspects import excluded_paths
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +107,16 @@ class Scored:
 
 
 def score_candidate(
-    class_names: Sequence[str], image_size: int, batch_size: int
+    class_names: Sequence[str], image_size: int, batch_size: int, exclude: frozenset[str]
 ) -> tuple[Scored, Scored]:
-    """The candidate's probabilities on the val and test sides (an empty test side is a
-    :class:`StageError`)."""
+    """The candidate's probabilities on the val side (without ``exclude``, as training left
+    it) and on the whole test side (an empty test side is a :class:`StageError`)."""
     import keras
 
     model = keras.models.load_model(PATHS.model_file)
     scored = []
-    for side in ("val", "test"):
-        listed = read_list(PATHS.split_list(side))
+    for side, left_out in (("val", exclude), ("test", frozenset[str]())):
+        listed = read_list(PATHS.split_list(side), left_out)
         probs = predict_probs(model, listed.files(PATHS.root), image_size, batch_size)
         scored.append(Scored(listed.paths, encode_labels(listed.labels, class_names), probs))
     val, test = scored
@@ -299,7 +300,8 @@ def main() -> None:
 
     run = tracking.resume(tracking.read_run_link(), params.mlflow.experiment)
     with tracking.taken(run):
-        val, test = score_candidate(class_names, int(meta["image_size"]), cfg.batch_size)
+        exclude = excluded_paths(PATHS.audit / "label_issues.csv", params.audit.exclude)
+        val, test = score_candidate(class_names, int(meta["image_size"]), cfg.batch_size, exclude)
         ev = evaluate(val, test, class_names, positive, cfg)
         files = write_metrics(ev) + write_plot_data(ev, PATHS.metrics / "plots")
         files += write_report_files(ev, PATHS.metrics / "report")

@@ -1,16 +1,27 @@
-"""Stage ``split``: stable, stratified train / val / test file lists.
+"""Stage ``split``: stable, stratified train / val / test file lists, near-duplicates kept
+together.
 
-An image's side depends only on the SHA-256 of its *raw* content (from
-``data/manifest.csv``) and the split seed (``split.seed``, else ``base.seed``), never on how
-it was preprocessed, so experiments on ``preprocess`` params are scored on the same test
-images: ``u = H(seed, "test", sha)`` uniform in [0, 1) puts it in test when ``u < test_size``;
-otherwise ``H(seed, "val", sha) < val_size`` carves it into val (the fraction of train
-held out for early stopping and for choosing the operating threshold). So:
+Images whose raw content is identical or a near-duplicate (pHash within
+``split.near_duplicates.max_distance`` bits and thumbnails correlating at least
+``min_similarity``, from ``data/fingerprints.csv``; see
+:mod:`~imgclf.pipeline.near_duplicates`) form one *group*, named by the smallest raw
+SHA-256 among its members. A group's side depends only on that name and the split seed
+(``split.seed``, else ``base.seed``), never on how images were preprocessed, so experiments
+on ``preprocess`` params are scored on the same test images: ``u = H(seed, "test", group)``
+uniform in [0, 1) puts it in test when ``u < test_size``; otherwise
+``H(seed, "val", group) < val_size`` carves it into val (the fraction of train held out for
+early stopping and for choosing the operating threshold). So:
 
-- adding or removing other images never moves an existing image between sides;
-- identical images always land on the same side (no train/test leakage);
-- each class is split on its own (stratified), and its test share is ``test_size`` up to
-  the binomial noise ``sqrt(p(1-p)/n)`` (about 2 points for 500 images).
+- a resized, re-encoded or brightened copy always lands on its original's side (no
+  train/test leakage); an image with no near-duplicate is its own group, named by its own
+  hash;
+- adding or removing unrelated images never moves an existing image between sides;
+- the test share of each class is ``test_size`` up to the binomial noise
+  ``sqrt(p(1-p)/n)`` (about 2 points for 500 images; more when groups are large).
+
+Near-duplicates under two different classes are a label conflict: kept (on one side) and
+reported, in the log, in ``metrics/split.json`` and in ``data/split/groups.csv`` (every
+image of a group of two or more), which the ``audit`` stage lists for review.
 
 Every class needs at least one image on each side (train fits, val drives early stopping
 and the threshold, test judges); a class without fails the stage, naming the class, its
@@ -24,29 +35,39 @@ import csv
 import hashlib
 import logging
 import sys
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from imgclf.config import PATHS, StageError, load_params, setup_logging, stage_main
 from imgclf.files import write_csv, write_json
-from imgclf.params import min_images_per_class
+from imgclf.params import NearDuplicates, min_images_per_class
+from imgclf.pipeline.near_duplicates import Fingerprint, components, similar_pairs
 from imgclf.pipeline.stage_outputs import require
 
 log = logging.getLogger(__name__)
 
 SIDES = ("train", "val", "test")
 LIST_FIELDS = ("path", "label", "sha256")
+GROUP_FIELDS = ("group", "path", "label", "side")
 
 
 @dataclass(frozen=True)
 class Item:
     """One processed image: path (relative to the project root), class label, raw content
-    hash."""
+    hash, and the name of its near-duplicate group (its own hash when it has none)."""
 
     path: str
     label: str
     sha256: str
+    group: str = ""
+
+    @property
+    def key(self) -> str:
+        """What decides the side: the group's name."""
+        return self.group or self.sha256
 
 
 def unit_hash(seed: int, salt: str, sha: str) -> float:
@@ -77,8 +98,65 @@ def assign(
     check_fractions(test_size, val_size)
     sides: dict[str, list[Item]] = {side: [] for side in SIDES}
     for item in sorted(items, key=lambda i: i.path):
-        sides[side_of(item.sha256, seed, test_size, val_size)].append(item)
+        sides[side_of(item.key, seed, test_size, val_size)].append(item)
     return sides
+
+
+def group_items(
+    items: list[Item], fingerprints: dict[str, Fingerprint], settings: NearDuplicates
+) -> list[Item]:
+    """``items`` with their group names: identical content, and near-duplicate content by
+    ``settings`` (off when ``max_distance`` is None), joined transitively; a group is named
+    by the smallest SHA-256 in it."""
+    shas = sorted({i.sha256 for i in items})
+    name = {sha: sha for sha in shas}
+    if settings.max_distance is not None and len(shas) > 1:
+        missing = [sha for sha in shas if sha not in fingerprints]
+        if missing:
+            raise StageError(
+                f"{len(missing)} processed image(s) have no fingerprint in "
+                f"{PATHS.fingerprints.name} (e.g. {missing[0][:12]}): rerun the preprocess stage"
+            )
+        found = [fingerprints[sha] for sha in shas]
+        pairs = similar_pairs(found, settings.max_distance, settings.min_similarity)
+        component = components(len(shas), pairs)
+        first: dict[int, str] = {}
+        for sha, c in zip(shas, component, strict=True):  # shas sorted: first is smallest
+            first.setdefault(int(c), sha)
+        name = {sha: first[int(c)] for sha, c in zip(shas, component, strict=True)}
+    return [replace(i, group=name[i.sha256]) for i in items]
+
+
+def groups_of(items: Iterable[Item]) -> dict[str, list[Item]]:
+    """Groups of two or more images, by name, members sorted by path."""
+    members: dict[str, list[Item]] = defaultdict(list)
+    for item in items:
+        members[item.key].append(item)
+    return {g: sorted(m, key=lambda i: i.path) for g, m in sorted(members.items()) if len(m) > 1}
+
+
+def group_stats(groups: dict[str, list[Item]]) -> dict[str, Any]:
+    """The ``near_duplicates`` entry of ``metrics/split.json``: groups of two or more images
+    (identical or near-duplicate content), their images, the largest, and those spanning
+    classes (label conflicts)."""
+    conflicts = [m for m in groups.values() if len({i.label for i in m}) > 1]
+    return {
+        "groups": len(groups),
+        "images": sum(len(m) for m in groups.values()),
+        "largest": max((len(m) for m in groups.values()), default=0),
+        "cross_class_groups": len(conflicts),
+        "cross_class_images": sum(len(m) for m in conflicts),
+    }
+
+
+def read_fingerprints(path: Path) -> dict[str, Fingerprint]:
+    """``data/fingerprints.csv`` by content hash."""
+    require(path, written_by="preprocess")
+    with path.open(newline="", encoding="utf-8") as fh:
+        return {
+            row["sha256"]: Fingerprint(int(row["phash"], 16), bytes.fromhex(row["thumb"]))
+            for row in csv.DictReader(fh)
+        }
 
 
 def count_by_class(sides: dict[str, list[Item]]) -> dict[str, dict[str, int]]:
@@ -128,22 +206,52 @@ def format_counts(counts: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
+def log_groups(stats: dict[str, Any], groups: dict[str, list[Item]], examples: int = 3) -> None:
+    """One line on the groups; a warning naming the first cross-class groups."""
+    log.info(
+        "near-duplicates: %d group(s) of %d images kept on one side each (largest %d)",
+        stats["groups"], stats["images"], stats["largest"],
+    )  # fmt: skip
+    conflicts = [m for m in groups.values() if len({i.label for i in m}) > 1]
+    if conflicts:
+        shown = "; ".join(
+            " ~ ".join(f"{i.path} ({i.label})" for i in m[:3]) for m in conflicts[:examples]
+        )
+        log.warning(
+            "%d near-duplicate group(s) span two classes (label conflicts, listed in %s and "
+            "by the audit stage): %s",
+            len(conflicts), "data/split/groups.csv", shown,
+        )  # fmt: skip
+
+
 @stage_main
 def main() -> None:
     params = load_params()
     setup_logging(params.base.log_level)
     seed, cfg = params.split_seed, params.split
     prefix = f"{PATHS.processed.relative_to(PATHS.root).as_posix()}/"
-    sides = assign(read_manifest(PATHS.manifest, prefix), seed, cfg.test_size, cfg.val_size)
+    items = read_manifest(PATHS.manifest, prefix)
+    items = group_items(items, read_fingerprints(PATHS.fingerprints), cfg.near_duplicates)
+    sides = assign(items, seed, cfg.test_size, cfg.val_size)
     counts = count_by_class(sides)
     log.info(
         "split (seed %d, test_size %s, val_size %s):\n%s",
         seed, cfg.test_size, cfg.val_size, format_counts(counts),
     )  # fmt: skip
     check_counts(counts, cfg.test_size, cfg.val_size)
-    for side, items in sides.items():
-        write_csv(PATHS.split_list(side), LIST_FIELDS, ((i.path, i.label, i.sha256) for i in items))
-    write_json(PATHS.metrics / "split.json", counts)
+    side_of_path = {i.path: side for side, members in sides.items() for i in members}
+    groups = groups_of(items)
+    stats = group_stats(groups)
+    log_groups(stats, groups)
+    for side, members in sides.items():
+        rows = ((i.path, i.label, i.sha256) for i in members)
+        write_csv(PATHS.split_list(side), LIST_FIELDS, rows)
+    write_csv(
+        PATHS.split_dir / "groups.csv",
+        GROUP_FIELDS,
+        ((g, i.path, i.label, side_of_path[i.path]) for g, m in groups.items() for i in m),
+    )
+    write_json(PATHS.metrics / "split.json", {**counts, "near_duplicates": stats})
 
 
 if __name__ == "__main__":

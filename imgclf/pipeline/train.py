@@ -50,12 +50,13 @@ from imgclf.config import (
 )
 from imgclf.files import write_bytes, write_json
 from imgclf.imaging import DecodeOptions
-from imgclf.params import Mlflow, Train
+from imgclf.params import Train
 from imgclf.pipeline.dataset import SplitList, data_hash, encode_labels, make_dataset, read_list
+from imgclf.pipeline.suspects import excluded_paths
 
 log = logging.getLogger(__name__)
 
-LOGGED_SECTIONS = ("base", "preprocess", "split", "train", "mlflow")
+LOGGED_SECTIONS = ("base", "preprocess", "split", "audit", "train", "mlflow")
 SIDES = ("train", "val", "test")  # all three name the data (data_hash); two are read
 
 
@@ -70,9 +71,14 @@ class TrainingData:
     y_val: np.ndarray
 
 
-def load_training_data(train_list: Path, val_list: Path) -> TrainingData:
-    """Read both lists; an empty side is a :class:`StageError`."""
-    train, val = read_list(train_list), read_list(val_list)
+def load_training_data(
+    train_list: Path, val_list: Path, exclude: frozenset[str] = frozenset()
+) -> TrainingData:
+    """Read both lists without the paths in ``exclude``; an empty side is a
+    :class:`StageError`."""
+    train, val = read_list(train_list, exclude), read_list(val_list, exclude)
+    if exclude:
+        log.info("audit.exclude: %d suspect(s) left out of train and val", len(exclude))
     if not train.paths or not val.paths:
         raise StageError("the train and val lists must not be empty: rerun the split stage")
     names = sorted(set(train.labels))
@@ -322,20 +328,6 @@ def candidate_metadata(
     }
 
 
-def start_run(ml: Mlflow, dhash: str, params_digest: str) -> tuple[Any, str, str | None]:
-    """Close runs whose owner died; start the candidate's MLflow run, tagged with the data
-    hash, the params digest and the git commit. Returns the run, its name and the commit."""
-    from imgclf import tracking
-
-    uri = tracking.tracking_uri()
-    tags = tracking.run_tags(dhash, PATHS.root) | {"params_digest": params_digest}
-    name = tracking.run_name(commit=tags.get("git_commit"))
-    tracking.close_abandoned(uri, ml.experiment)
-    pending = tracking.pending_dir()
-    run = tracking.Run.start(uri, ml.experiment, name, pending, run_name=name, tags=tags)
-    return run, name, tags.get("git_commit")
-
-
 def train_candidate(
     data: TrainingData, size: int, cfg: Train, seed: int, run: Any, history_dir: Path
 ) -> tuple[Any, list[dict[str, Any]], float]:
@@ -398,14 +390,17 @@ def main() -> None:
     setup_logging(params.base.log_level)
     cfg, decode = params.train, DecodeOptions.from_params(params.preprocess)
     lists = [PATHS.split_list(side) for side in SIDES]
-    data = load_training_data(lists[0], lists[1])
+    exclude = excluded_paths(PATHS.audit / "label_issues.csv", params.audit.exclude)
+    data = load_training_data(lists[0], lists[1], exclude)
     logged = params.model_dump(include=set(LOGGED_SECTIONS))
-    dhash, pdigest = data_hash(lists, decode), digest(logged)
+    dhash, pdigest = data_hash(lists, decode, exclude), digest(logged)
     import_tensorflow()
     from imgclf import tracking
 
     history = PATHS.metrics / "train"  # a folder named train: MLflow artifacts train/...
-    run, name, commit = start_run(params.mlflow, dhash, pdigest)
+    run, name, commit = tracking.start_run(
+        params.mlflow.experiment, dhash, {"params_digest": pdigest}
+    )
     with tracking.taken(run):
         run.log_params(tracking.flatten(logged))
         model, rows, seconds = train_candidate(

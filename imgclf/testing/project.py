@@ -22,6 +22,7 @@ COPIED = (
     "dvc.yaml",
     ".gitignore",
     ".dvcignore",
+    "data/labels_override.csv",
 )
 
 
@@ -79,6 +80,7 @@ def copy_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     merged = yaml.safe_load((SOURCE / "params.yaml").read_text(encoding="utf-8"))
     for sec, values in (params or {}).items():

@@ -45,6 +45,7 @@ from imgclf.tracking.runs import (
     close_abandoned,
     read_run_link,
     resume,
+    start_run,
     taken,
     write_run_link,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "run_name",
     "run_tags",
     "sqlite_path",
+    "start_run",
     "store_lock",
     "taken",
     "tracking_uri",

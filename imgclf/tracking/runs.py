@@ -18,6 +18,7 @@ from imgclf.tracking.identity import (
     OWNER_TAG,
     owner,
     owner_alive,
+    run_name,
     run_tags,
 )
 from imgclf.tracking.store import (
@@ -92,6 +93,21 @@ def taken(run: Run) -> Iterator[Run]:
         run.end("FINISHED")
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def start_run(
+    experiment: str, data_hash: str, tags: dict[str, str], prefix: str = ""
+) -> tuple[Run, str, str | None]:
+    """Close runs whose owner died; start a new run in ``experiment``, named ``prefix`` +
+    :func:`run_name`, tagged with the data hash, the git commit and ``tags``. Returns the
+    run, its name and the commit."""
+    uri = tracking_uri()
+    tags = run_tags(data_hash, PATHS.root) | tags
+    commit = tags.get("git_commit")
+    name = prefix + run_name(commit=commit)
+    close_abandoned(uri, experiment)
+    run = Run.start(uri, experiment, name, pending_dir(), run_name=name, tags=tags)
+    return run, name, commit
 
 
 def write_run_link(run: Run, name: str, data_hash: str, commit: str | None) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from imgclf.pipeline.split import SIDES
 from imgclf.testing.project import commit, dvc, make_repo, ran, set_params
 
 
@@ -33,9 +34,9 @@ def test_first_run_outputs_and_up_to_date(repo: Path):
     total = sum(len(rows(repo / "data" / "split" / f"{s}.csv")) for s in ("train", "val", "test"))
     assert total == 60
     counts = json.loads((repo / "metrics" / "split.json").read_text())
-    assert list(counts) == ["train", "val", "test"]
-    assert all(list(by_class) == ["safe", "sensitive"] for by_class in counts.values())
-    per_class = {c: sum(counts[side][c] for side in counts) for c in ("safe", "sensitive")}
+    assert list(counts) == ["train", "val", "test", "near_duplicates"]
+    assert all(list(counts[side]) == ["safe", "sensitive"] for side in SIDES)
+    per_class = {c: sum(counts[side][c] for side in SIDES) for c in ("safe", "sensitive")}
     assert per_class == {"safe": 42, "sensitive": 18}  # 6 images of each digit: 0-6, 7-9
     status = dvc(repo, "status", "preprocess", "split").stdout
     assert "up to date" in status.lower(), status
