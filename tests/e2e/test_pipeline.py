@@ -25,15 +25,17 @@ from imgclf.testing.project import commit, dvc, env, make_repo, ran, run, set_pa
 # The classes are renamed (no `sensitive`): the operating point must find its class itself.
 
 FAST = {"epochs": 3, "patience": 2, "cnn_filters": [8, 16], "cnn_dense": 16, "batch_size": 16}
-STAGES = {"preprocess", "split", "train", "report", "promote"}
+STAGES = {"preprocess", "split", "audit", "train", "report", "promote"}
 
 
-def mlflow_runs(repo: Path):
+def mlflow_runs(repo: Path, stage: str = "train"):
+    """The runs ``train`` started (``stage="audit"``: those of the audit stage)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("imgclf")
-    return client, client.search_runs([exp.experiment_id]) if exp else []
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    return client, [r for r in runs if r.data.tags.get("stage", "train") == stage]
 
 
 def bundle_md5(repo: Path) -> str:
@@ -119,6 +121,12 @@ def test_repro_promotes_a_bundle_for_any_class_names(repo: Path):
     versions = client.search_model_versions("name='imgclf'")
     assert [(str(v.version), v.run_id) for v in versions] == [("1", run_.info.run_id)]
     assert str(client.get_model_version_by_alias("imgclf", "champion").version) == "1"
+    _, audits = mlflow_runs(repo, "audit")
+    assert len(audits) == 1 and audits[0].info.run_name.startswith("audit-repro-")
+    assert audits[0].data.tags["data_hash"] == run_.data.tags["data_hash"]
+    assert audits[0].info.status == "FINISHED" and audits[0].data.params["audit.model"] == "knn"
+    logged = {a.path for a in client.list_artifacts(audits[0].info.run_id, "audit")}
+    assert logged == {f"audit/{n}" for n in ("index.html", "label_issues.csv", "summary.json")}
     plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)
     assert not plots.get("errors"), plots.get("errors")
 
