@@ -205,14 +205,11 @@ def suspect_rows(
 
 
 def summarize(
-    data: AuditData,
-    rows: list[dict[str, str]],
-    findings: LabelFindings,
-    probs: Probabilities,
-    cfg: Audit,
+    data: AuditData, rows: list[dict[str, str]], findings: LabelFindings, probs: Probabilities
 ) -> dict[str, Any]:
     """``metrics/audit/summary.json``: counts by kind, noise rate per class, and the
-    cross-validated accuracy of the audit model on train+val."""
+    cross-validated accuracy of the audit model on train+val (the audit params are in
+    ``params.yaml``, so ``dvc exp show`` has them already)."""
     n = data.n_train_val
     counts = dict.fromkeys(suspects.KINDS, 0)
     for row in rows:
@@ -228,13 +225,11 @@ def summarize(
             for name, rate in zip(data.class_names, findings.noise_rate, strict=True)
         },
         "cv_accuracy": round(accuracy, 4),
-        "model": cfg.model,
-        "folds": cfg.folds,
     }
 
 
 def write_gallery(rows: list[dict[str, str]], summary: dict[str, Any], path: Path) -> Path:
-    """``index.html`` with a thumbnail of each suspect."""
+    """``index.html`` with a thumbnail of each suspect (``summary`` is shown on top)."""
     thumbs = {r["path"]: thumbnail_jpeg(PATHS.root / r["path"], THUMBNAIL_SIDE) for r in rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(gallery_html(rows, thumbs, summary, suspects.KINDS), encoding="utf-8")
@@ -242,12 +237,16 @@ def write_gallery(rows: list[dict[str, str]], summary: dict[str, Any], path: Pat
 
 
 def log_audit(
-    summary: dict[str, Any], seconds: float, shown: list[Path], top: list[dict[str, str]]
+    summary: dict[str, Any],
+    cfg: Audit,
+    seconds: float,
+    shown: list[Path],
+    top: list[dict[str, str]],
 ) -> None:
     """The log lines of an audit: counts, noise rates, the first suspects, where to look."""
     log.info(
         "audit of %d images in %.1f s (%s, %d folds, cross-validated accuracy %.3f): %s",
-        summary["images"], seconds, summary["model"], summary["folds"], summary["cv_accuracy"],
+        summary["images"], seconds, cfg.model, cfg.folds, summary["cv_accuracy"],
         ", ".join(f"{n} {kind}" for kind, n in summary["by_kind"].items()),
     )  # fmt: skip
     log.info(
@@ -291,7 +290,7 @@ def audit(data: AuditData, params: Params) -> tuple[list[dict[str, str]], dict[s
     findings = label_findings(data.y, np.concatenate([probs.train_val, probs.test]))
     scores, is_outlier = outliers(features)
     rows = suspect_rows(data, findings, scores, is_outlier)
-    return rows, summarize(data, rows, findings, probs, cfg)
+    return rows, summarize(data, rows, findings, probs)
 
 
 @stage_main
@@ -305,13 +304,14 @@ def main() -> None:
     except ValueError as exc:  # too few images for the folds
         raise StageError(str(exc)) from None
     table = ([row[f] for f in suspects.FIELDS] for row in rows)
+    settings = {"model": params.audit.model, "folds": params.audit.folds}
     files = [
         write_csv(PATHS.audit / "label_issues.csv", suspects.FIELDS, table),
         write_json(PATHS.audit / "summary.json", summary),
-        write_gallery(rows, summary, PATHS.audit / "index.html"),
+        write_gallery(rows, summary | settings, PATHS.audit / "index.html"),
     ]
     seconds = time.perf_counter() - start
-    log_audit(summary, seconds, [files[0], files[2]], rows[:5])
+    log_audit(summary, params.audit, seconds, [files[0], files[2]], rows[:5])
     log_to_mlflow(params, summary, seconds, files)
 
 

@@ -1,4 +1,5 @@
-"""MLflow tracking shared by ``train``, ``report`` and ``promote``: one run per pipeline run.
+"""MLflow tracking shared by ``train``, ``report`` and ``promote``: one run per pipeline run
+(plus one ``audit-<run name>`` run, tagged ``stage: audit``, when the ``audit`` stage runs).
 
 ``train`` creates the run, named after the DVC experiment (``repro-<time>-<commit>`` under
 plain ``dvc repro``), and stores its id in ``.mlflow-run.json``; ``report`` and ``promote``

@@ -221,7 +221,7 @@ def test_an_exp_run_is_served_only_once_promoted_with_its_own_threshold(repo: Pa
     watcher = threading.Thread(target=watch_server, args=(server, stop, seen))
     watcher.start()
     try:
-        proc = dvc(repo, "exp", "run", "-S", "train.epochs=2", "-S", "train.cnn_dense=24")
+        proc = dvc(repo, "exp", "run", "-S", "train.epochs=2", "-S", "train.patience=5")
         deadline = time.monotonic() + 15
         while bundle_md5(repo) not in {md5 for md5, _ in seen[-3:]}:
             assert time.monotonic() < deadline, "the server never loaded the promoted bundle"
