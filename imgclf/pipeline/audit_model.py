@@ -95,7 +95,8 @@ def out_of_sample_probs(
 def sklearn_fit_predict(x: np.ndarray, y: np.ndarray, model: str, seed: int) -> FitPredict:
     """A scikit-learn model on the pixel features ``x``: ``knn`` (10 nearest neighbours,
     distance-weighted votes) or ``svm`` (RBF support vector machine on standardised
-    features, Platt-scaled probabilities, seeded)."""
+    features, sigmoid-calibrated probabilities, seeded)."""
+    from sklearn.calibration import CalibratedClassifierCV
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -103,15 +104,17 @@ def sklearn_fit_predict(x: np.ndarray, y: np.ndarray, model: str, seed: int) -> 
 
     n_classes = int(y.max()) + 1
 
-    def make() -> Any:
-        if model == "knn":
-            return KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS, weights="distance")
-        if model == "svm":
-            return make_pipeline(StandardScaler(), SVC(probability=True, random_state=seed))
+    def make(n_train: int) -> Any:
+        if model == "knn":  # a small fold has fewer images than neighbours
+            k = min(KNN_NEIGHBOURS, n_train)
+            return KNeighborsClassifier(n_neighbors=k, weights="distance")
+        if model == "svm":  # Platt scaling on 5-fold decision values, as libsvm's own
+            svm = CalibratedClassifierCV(SVC(random_state=seed), cv=5, ensemble=False)
+            return make_pipeline(StandardScaler(), svm)
         raise ValueError(f"audit.model must be knn, svm or cnn, got {model!r}")
 
     def fit_predict(train: np.ndarray, predict: Sequence[np.ndarray]) -> list[np.ndarray]:
-        fitted = make().fit(x[train], y[train])
+        fitted = make(len(train)).fit(x[train], y[train])
         return [
             _all_classes(fitted.predict_proba(x[p]), fitted.classes_, n_classes) for p in predict
         ]

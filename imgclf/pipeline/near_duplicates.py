@@ -103,6 +103,7 @@ def similar_pairs(
     hashes = np.array([f.phash for f in fingerprints], dtype=np.uint64)
     thumbs = np.frombuffer(b"".join(f.thumb for f in fingerprints), np.uint8).reshape(n, -1)
     unit = _unit_rows(thumbs)
+    textured = unit.any(axis=1)  # a uniform thumbnail is all zero: it pairs with nothing
     block = max(1, BLOCK_CELLS // n)
     found: list[np.ndarray] = []
     starts = range(0, n, block)
@@ -116,7 +117,7 @@ def similar_pairs(
         rows, cols = rows[keep], cols[keep]
         if rows.size:
             similarity = np.einsum("ij,ij->i", unit[rows], unit[cols])
-            confirmed = similarity >= min_similarity
+            confirmed = (similarity >= min_similarity) & textured[rows] & textured[cols]
             found.append(np.stack([rows[confirmed], cols[confirmed]], axis=1))
     return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
 

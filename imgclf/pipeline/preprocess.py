@@ -56,7 +56,7 @@ from imgclf.files import write_csv
 from imgclf.imaging import DecodeOptions
 from imgclf.params import raw_classes
 from imgclf.pipeline.near_duplicates import Fingerprint
-from imgclf.pipeline.overrides import Override, check_paths, read_overrides
+from imgclf.pipeline.overrides import Override, OverrideError, check_paths, read_overrides
 from imgclf.pipeline.preprocess_cache import BLANK, ContentCache, StatRecords
 from imgclf.pipeline.preprocess_outputs import OutputFile, remove_stale_temp_files, sync_outputs
 from imgclf.pipeline.preprocess_workers import (
@@ -299,11 +299,18 @@ def relative_decisions(
     decisions: dict[str, Override], files: list[RawFile], raw_prefix: str, source: str
 ) -> dict[str, Override]:
     """``decisions`` keyed by raw path as in the manifest (``raw_prefix`` + path in the raw
-    folder) re-keyed by path in the raw folder; an unknown path is an
-    :class:`~imgclf.pipeline.overrides.OverrideError`.
+    folder) re-keyed by path in the raw folder; an unknown path, or one that is no image
+    candidate (hidden, sidecar), is an :class:`~imgclf.pipeline.overrides.OverrideError`.
     """
     check_paths(decisions, {raw_prefix + f.rel for f in files}, source)
-    return {path.removeprefix(raw_prefix): d for path, d in decisions.items()}
+    relative = {path.removeprefix(raw_prefix): d for path, d in decisions.items()}
+    for f in files:
+        if f.rel in relative and f.skip_reason is not None:
+            raise OverrideError(
+                f"{source} line {relative[f.rel].line}: {raw_prefix}{f.rel} is not an image "
+                f"({f.skip_reason}); delete the line"
+            )
+    return relative
 
 
 def check_layout(raw: Path, outputs: Iterable[Path]) -> None:

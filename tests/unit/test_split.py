@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import csv
+import functools
 import hashlib
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from imgclf.config import StageError
-from imgclf.pipeline.preprocess import preprocess
-from imgclf.pipeline.split import Item, assign, check_counts, count_by_class, read_manifest, side_of
+from imgclf.params import NearDuplicates, load_params
+from imgclf.pipeline.near_duplicates import Fingerprint, fingerprint
+from imgclf.pipeline.preprocess import Outcome, RawFile, preprocess, write_fingerprints
+from imgclf.pipeline.sample import sample_files
+from imgclf.pipeline.split import (
+    Item,
+    assign,
+    check_counts,
+    count_by_class,
+    group_items,
+    group_stats,
+    groups_of,
+    read_fingerprints,
+    read_manifest,
+    side_of,
+)
 from imgclf.testing import images as f
+from imgclf.testing.noisy import near_copy
+from imgclf.testing.project import SOURCE
 
 
 def items(n: int, label: str, start: int = 0) -> list[Item]:
@@ -133,3 +153,195 @@ def test_membership_does_not_depend_on_preprocess_params(tmp_path):
     for name in ("size", "quality", "mode"):
         assert memberships[name] == memberships["base"], name
         assert processed_bytes[name] != processed_bytes["base"], name
+
+
+# --- near-duplicate groups ---------------------------------------------------------------
+
+
+@functools.cache
+def near_duplicate_settings() -> NearDuplicates:
+    """The project's ``split.near_duplicates`` (params.yaml)."""
+    return load_params(SOURCE / "params.yaml").split.near_duplicates
+
+
+@functools.cache
+def digit_files(per_digit: int) -> tuple[tuple[str, bytes], ...]:
+    """The bundled digits (``per_digit`` of each) and, after them, a near copy of each
+    (resized, brightened, re-encoded as JPEG; the same bytes for any ``per_digit``):
+    ``(processed path, raw bytes)``."""
+    originals = list(sample_files(per_digit=per_digit))
+    copies = [
+        (rel.replace(".png", "_copy.jpg"), near_copy(png, np.random.default_rng(zlib.crc32(png))))
+        for rel, png in originals
+    ]
+    return tuple((f"data/processed/{rel}", data) for rel, data in originals + copies)
+
+
+def digit_items(per_digit: int) -> tuple[list[Item], dict[str, Fingerprint]]:
+    """Items of :func:`digit_files` (class = digit folder) and their fingerprints."""
+    found, fps = [], {}
+    for path, data in digit_files(per_digit):
+        sha = hashlib.sha256(data).hexdigest()
+        found.append(Item(path, path.split("/")[3], sha))
+        fps[sha] = fingerprint(data)
+    return found, fps
+
+
+def copy_pairs(found: list[Item]) -> list[tuple[Item, Item]]:
+    by_path = {i.path: i for i in found}
+    return [(by_path[i.path.replace("_copy.jpg", ".png")], i) for i in found if "_copy" in i.path]
+
+
+def test_near_copies_land_on_their_originals_side_for_every_seed():
+    found, fps = digit_items(2)
+    grouped = group_items(found, fps, near_duplicate_settings())
+    pairs = copy_pairs(grouped)
+    assert len(pairs) == 20
+    for seed in range(20):
+        side = sides_by_path(assign(grouped, seed, 0.3, 0.15))
+        assert [(a.path, side[b.path]) for a, b in pairs] == [
+            (a.path, side[a.path]) for a, _ in pairs
+        ], seed
+    # the guard: keyed on their own hashes, pairs do split (the test above can fail)
+    apart = sides_by_path(assign(found, 0, 0.3, 0.15))
+    assert [a.path for a, b in copy_pairs(found) if apart[a.path] != apart[b.path]] != []
+
+
+def test_unrelated_images_added_later_move_no_image_and_rename_no_group():
+    settings = near_duplicate_settings()
+    few, few_fps = digit_items(2)
+    many, many_fps = digit_items(4)  # 20 more digits and their copies
+    before = group_items(few, few_fps, settings)
+    after = group_items(many, many_fps, settings)
+    assert {i.path for i in few} < {i.path for i in many}
+    after_group = {i.path: i.group for i in after}
+    assert {i.path: i.group for i in before} == {i.path: after_group[i.path] for i in before}
+    for seed in (0, 7):
+        old, new = sides_by_path(assign(before, seed, 0.3, 0.15)), assign(after, seed, 0.3, 0.15)
+        assert old == {p: s for p, s in sides_by_path(new).items() if p in old}
+
+
+def test_a_group_is_named_by_its_smallest_sha_and_a_lone_image_by_its_own():
+    found, fps = digit_items(2)
+    grouped = {i.path: i for i in group_items(found, fps, near_duplicate_settings())}
+    for original, copy in copy_pairs(found):
+        smallest = min(original.sha256, copy.sha256)
+        assert (grouped[original.path].group, grouped[copy.path].group) == (smallest, smallest)
+        assert grouped[original.path].key == smallest
+    lone = Item("data/processed/x/lone.jpg", "x", hashlib.sha256(b"lone").hexdigest())
+    fps[lone.sha256] = fingerprint(f.png(99))
+    grouped = group_items([*found, lone], fps, near_duplicate_settings())
+    assert [i.group for i in grouped if i.path == lone.path] == [lone.sha256]
+
+
+def chained_fingerprints() -> dict[str, Fingerprint]:
+    """Three fingerprints A ~ B ~ C (4 pHash bits apart each), A and C 8 bits apart, with
+    one shared (non-uniform) thumbnail."""
+    thumb = bytes(range(256))
+    return {
+        "c" * 64: Fingerprint(0, thumb),
+        "a" * 64: Fingerprint(0b1111, thumb),
+        "b" * 64: Fingerprint(0b1111_1111, thumb),
+    }
+
+
+def test_groups_join_a_chain_transitively():
+    fps = chained_fingerprints()
+    found = [Item(f"data/processed/k/{sha[0]}.jpg", "k", sha) for sha in fps]
+    grouped = group_items(found, fps, NearDuplicates(max_distance=4, min_similarity=0.97))
+    assert [i.group for i in grouped] == ["a" * 64] * 3
+    apart = group_items(found, fps, NearDuplicates(max_distance=3, min_similarity=0.97))
+    assert [i.group for i in apart] == [i.sha256 for i in found]
+
+
+def test_without_near_duplicates_only_identical_content_is_grouped():
+    found, _ = digit_items(2)
+    twin = replace(found[0], path="data/processed/digit_0/twin.jpg")
+    off = NearDuplicates(max_distance=None, min_similarity=near_duplicate_settings().min_similarity)
+    grouped = group_items([*found, twin], {}, off)  # no fingerprint needed
+    assert [i.group for i in grouped] == [i.sha256 for i in [*found, twin]]
+    assert list(groups_of(grouped)) == [found[0].sha256]
+    assert [i.path for i in groups_of(grouped)[found[0].sha256]] == sorted(
+        [found[0].path, twin.path]
+    )
+
+
+def test_a_missing_fingerprint_is_a_stage_error_naming_the_stage():
+    found, fps = digit_items(2)
+    gone = found[5].sha256
+    del fps[gone]
+    with pytest.raises(
+        StageError,
+        match=(
+            rf"^1 processed image\(s\) have no fingerprint in fingerprints\.csv "
+            rf"\(e\.g\. {gone[:12]}\): rerun the preprocess stage$"
+        ),
+    ):
+        group_items(found, fps, near_duplicate_settings())
+
+
+def test_group_stats_counts_groups_images_and_label_conflicts():
+    def item(name: str, label: str, group: str) -> Item:
+        return Item(f"data/processed/{label}/{name}.jpg", label, f"sha-{name}", group)
+
+    found = [
+        item("1", "cat", "g1"),
+        item("2", "cat", "g1"),
+        item("3", "dog", "g1"),  # g1 spans two classes: a conflict of 3 images
+        item("4", "dog", "g2"),
+        item("5", "dog", "g2"),
+        item("6", "cat", "g3"),
+        item("7", "dog", "g3"),  # g3: another conflict, of 2
+        item("8", "cat", "g4"),
+        item("9", "cat", "g4"),
+        item("10", "cat", "g4"),
+        item("11", "cat", "g4"),  # the largest, one class
+        item("12", "dog", ""),  # no group: its own hash, alone
+        item("13", "cat", "sha-13"),  # named by its own hash, alone
+    ]
+    groups = groups_of(found)
+    assert list(groups) == ["g1", "g2", "g3", "g4"]
+    assert [i.path for i in groups["g1"]] == [
+        "data/processed/cat/1.jpg",
+        "data/processed/cat/2.jpg",
+        "data/processed/dog/3.jpg",
+    ]
+    assert group_stats(groups) == {
+        "groups": 4,
+        "images": 11,
+        "largest": 4,
+        "cross_class_groups": 2,
+        "cross_class_images": 5,
+    }
+    assert group_stats({}) == {
+        "groups": 0,
+        "images": 0,
+        "largest": 0,
+        "cross_class_groups": 0,
+        "cross_class_images": 0,
+    }
+
+
+def test_read_fingerprints_reads_what_preprocess_writes(tmp_path: Path):
+    _, fps = digit_items(2)
+    shas = sorted(fps)[:3]
+    outcomes = [
+        Outcome(RawFile("a/s/2.png", "a", "s"), shas[2], "processed", "a/s__2.jpg", ""),
+        Outcome(RawFile("a/s/0.png", "a", "s"), shas[0], "processed", "a/s__0.jpg", ""),
+        Outcome(RawFile("b/s/0.png", "b", "s"), shas[0], "processed", "b/s__0.jpg", ""),  # twin
+        Outcome(RawFile("a/s/1.png", "a", "s"), shas[1], "invalid", "a/s__1.png", "corrupt"),
+        Outcome(RawFile("a/s/x.png", "a", "s"), "f" * 64, "excluded", "", "decided"),
+    ]
+    path = tmp_path / "fingerprints.csv"
+    write_fingerprints(outcomes, {sha: fps[sha].to_bytes() for sha in shas}, path)
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["sha256", "phash", "thumb"]
+    assert [r[0] for r in rows[1:]] == [shas[0], shas[2]]  # processed only, sorted, once
+    assert rows[1][1:] == [f"{fps[shas[0]].phash:016x}", fps[shas[0]].thumb.hex()]
+    assert read_fingerprints(path) == {shas[0]: fps[shas[0]], shas[2]: fps[shas[2]]}
+
+
+def test_read_fingerprints_without_the_file_names_the_stage(tmp_path: Path):
+    with pytest.raises(StageError, match=r"fingerprints\.csv not found: run the preprocess stage"):
+        read_fingerprints(tmp_path / "fingerprints.csv")
