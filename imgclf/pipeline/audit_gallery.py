@@ -215,7 +215,8 @@ def card_html(row: Mapping[str, str], thumbnail: bytes | None) -> str:
     if row["outlier_score"]:
         scores.append(f"outlier {_esc(_number(row['outlier_score']))}")
     if row["group"]:
-        scores.append(f"group {_esc(row['group'])}")
+        group = row["group"]  # a SHA-256: its first 12 digits name it on screen
+        scores.append(f'group <span title="{_esc(group)}">{_esc(group[:12])}</span>')
     badges = "".join(f'<span class="badge" data-kind="{_esc(k)}">{_esc(k)}</span>' for k in kinds)
     return (
         f'<figure class="card" data-rank="{_esc(row["rank"])}" '

@@ -179,8 +179,8 @@ def test_escapes_every_value_of_rows_and_summary():
     assert parsed.texts["side"] == [hostile]
     assert parsed.texts["badge"] == ["label_issue", hostile]
     # whole texts: the summary's key and value, by_kind's key, noise_rate's key and value,
-    # the side and the badge
-    assert sum(t == hostile for t in parsed.text) == 7
+    # the side, the group (its first 12 characters: all 10 here) and the badge
+    assert sum(t == hostile for t in parsed.text) == 8
 
 
 def test_thumbnails_are_inline_jpeg_and_a_missing_one_shows_a_placeholder(page):
@@ -331,3 +331,10 @@ def test_thumbnail_jpeg_rejects_a_max_side_below_one(tmp_path):
 def test_thumbnail_jpeg_of_a_missing_file_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothing\.jpg"):
         thumbnail_jpeg(tmp_path / "nothing.jpg", 64)
+
+
+def test_a_group_is_shown_by_its_first_12_digits_with_the_whole_name_on_hover():
+    group = "0123456789abcdef" * 4
+    page = gallery_html([row(1, "near_duplicate", group=group)], {}, {}, KINDS)
+    assert Parsed(page).texts["scores"] == ["label quality 0.012 · group 0123456789ab"]
+    assert f'<span title="{group}">0123456789ab</span>' in page
