@@ -8,6 +8,7 @@ Usage::
     python -m benchmarks --only threshold --out /tmp/R.md   # ~1 min, builds no corpus
     python -m benchmarks --only model --out /tmp/R.md       # ~5.5 min, builds no corpus
     python -m benchmarks --only abuse --out /tmp/R.md       # ~3 min, builds no corpus
+    python -m benchmarks --only audit --out /tmp/R.md       # ~3.5 min, builds no corpus
 
 Progress goes to stderr; each benchmark that fails is recorded as "not run: <reason>".
 """
@@ -41,9 +42,10 @@ BENCHMARKS = (
     ("threshold", "Operating threshold", "benchmarks.bench_threshold:bench"),
     ("model", "Default model", "benchmarks.bench_model:bench"),
     ("abuse", "Serving under abuse", "benchmarks.bench_abuse:bench"),
+    ("audit", "Data audit", "benchmarks.bench_audit:bench"),
 )
 # Benchmarks that do not read the photo corpus: run alone, they do not build it.
-NO_CORPUS = frozenset({"threshold", "model", "abuse"})
+NO_CORPUS = frozenset({"threshold", "model", "abuse", "audit"})
 # Run order: everything that forks worker processes before anything loads TensorFlow
 # into this process.
 RUN_ORDER = (
@@ -56,6 +58,7 @@ RUN_ORDER = (
     "threshold",
     "input",
     "model",
+    "audit",
 )
 
 

@@ -129,7 +129,7 @@ class Report(Section):
 
 
 class Audit(Section):
-    model: Literal["knn", "svm", "cnn"]
+    model: Literal["knn", "cnn"]
     folds: Annotated[int, Field(ge=2, le=20)]
     feature_size: Annotated[int, Field(ge=4, le=64)]
     epochs: Positive

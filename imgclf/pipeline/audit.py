@@ -55,11 +55,11 @@ from imgclf.pipeline.audit_model import (
     Probabilities,
     cnn_fit_predict,
     fold_of,
+    knn_fit_predict,
     label_findings,
     out_of_sample_probs,
     outliers,
     pixel_features,
-    sklearn_fit_predict,
 )
 from imgclf.pipeline.dataset import data_hash, encode_labels, read_list
 from imgclf.pipeline.stage_outputs import require
@@ -126,8 +126,8 @@ def probabilities(
     groups = [g or p for g, p in zip(data.groups[:n], data.paths[:n], strict=True)]
     fold = fold_of(y[:n], groups, cfg.folds, params.split_seed)
     test_index = np.arange(n, len(data.paths))
-    if cfg.model in ("knn", "svm"):
-        fit_predict = sklearn_fit_predict(features, y, cfg.model, params.train_seed)
+    if cfg.model == "knn":
+        fit_predict = knn_fit_predict(features, y)
     else:
         import_tensorflow()
         files = [f"{PATHS.root}/{p}" for p in data.paths]

@@ -8,13 +8,13 @@ depend on how images were preprocessed. It has two parts:
   resizing and brightness changes move it by a few bits;
 - a 16x16 grey thumbnail, to confirm a pHash match by the correlation of the thumbnails.
 
-Why both (measured on the bundled digits, 1,797 images plus 89 resized, re-encoded and
-brightness-shifted copies, ``benchmarks/bench_audit.py``): copies lie up to 8 bits from
-their original, but so do 1,336 pairs of *different* digits, which chain into a group of
-166 images and 5 false cross-class "conflicts"; requiring a thumbnail correlation of at
-least 0.97 as well keeps every copy with its original, the largest group at 47 images and
-no false conflict. On photos pHash alone separates far better; the check costs nothing
-there.
+Why both (measured on the digits, 1,797 scans plus 90 resized, re-encoded and
+brightness-shifted copies; ``benchmarks/bench_audit.py``, RESULTS.md "Data audit"): the
+copies lie up to 8 bits from their original (median 2), but at 8 bits pHash alone links
+about 1,600 pairs of *different* scans, which chain into a group of 168 images, 5 of the
+groups mixing digits; requiring a thumbnail correlation of at least 0.98 as well (every
+copy correlates 0.987 or more) keeps every copy with its original, the largest group at 8
+images and no group mixing digits.
 
 Pairs are searched in blocks (exact Hamming distance on all pairs, vectorised), so memory
 stays bounded and progress is shown for large folders; groups are the connected components
@@ -71,7 +71,10 @@ def fingerprint(data: bytes) -> Fingerprint:
         if (img.format or "").upper() in ("JPEG", "MPO"):
             img.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))
         img.load()
-        upright = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)
+        factor = min(img.size) // (2 * DRAFT_SIDE)  # box average first: pHash needs 32 px
+        reducible = factor > 1 and img.mode in ("L", "LA", "RGB", "RGBA")
+        upright = img.reduce(factor) if reducible else img
         if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
             rgba = upright.convert("RGBA")
             canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

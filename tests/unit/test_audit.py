@@ -25,11 +25,11 @@ from imgclf.pipeline.audit_model import (
     LabelFindings,
     Probabilities,
     fold_of,
+    knn_fit_predict,
     label_findings,
     out_of_sample_probs,
     outliers,
     pixel_features,
-    sklearn_fit_predict,
 )
 from imgclf.pipeline.dataset import data_hash, read_list
 from imgclf.pipeline.split import GROUP_FIELDS, LIST_FIELDS, group_stats, groups_of
@@ -306,30 +306,23 @@ def test_out_of_sample_probs_hold_each_image_out_once_and_average_test():
     assert probs.test.tolist() == [[1.0, 1.0], [1.0, 1.0]]  # mean of 0, 1 and 2
 
 
-@pytest.mark.parametrize("model", ["knn", "svm"])
-def test_sklearn_models_give_probabilities_of_every_class(model):
+def test_knn_gives_probabilities_of_every_class():
     rng = np.random.default_rng(0)
     centres = np.array([[0.0, 0.0], [5.0, 5.0], [0.0, 9.0]])
     y = np.repeat([0, 1, 2], 12)
     x = centres[y] + rng.normal(0, 0.3, (len(y), 2))
     train = np.flatnonzero(y != 2)  # a fold without class 2
-    probs, other = sklearn_fit_predict(x, y, model, 0)(train, [np.array([0, 12]), np.array([30])])
+    probs, other = knn_fit_predict(x, y)(train, [np.array([0, 12]), np.array([30])])
     assert probs.shape == (2, 3) and other.shape == (1, 3)
     assert probs.argmax(axis=1).tolist() == [0, 1]
     assert probs[:, 2].tolist() == [0.0, 0.0]
     assert np.allclose(probs.sum(axis=1), 1.0)
 
 
-def test_an_unknown_model_is_refused_by_name():
-    fit_predict = sklearn_fit_predict(np.zeros((4, 2)), np.array([0, 0, 1, 1]), "tree", 0)
-    with pytest.raises(ValueError, match=r"^audit\.model must be knn, svm or cnn, got 'tree'$"):
-        fit_predict(np.arange(4), [np.arange(4)])
-
-
 def test_knn_fits_a_fold_smaller_than_its_neighbour_count():
     y = np.repeat([0, 1], 6)
     x = np.repeat([[0.0], [1.0]], 6, axis=0)
-    (probs,) = sklearn_fit_predict(x, y, "knn", 0)(np.arange(0, 12, 2), [np.array([1, 11])])
+    (probs,) = knn_fit_predict(x, y)(np.arange(0, 12, 2), [np.array([1, 11])])
     assert probs.argmax(axis=1).tolist() == [0, 1]
 
 
