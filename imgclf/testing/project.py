@@ -7,11 +7,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 # the source checkout: the folder holding this package (its code and settings are copied)
+if TYPE_CHECKING:
+    from imgclf.imaging import DecodeOptions
+    from imgclf.pipeline.preprocess import Outcome
+    from imgclf.pipeline.preprocess_workers import RunStats
+
 SOURCE = Path(__file__).resolve().parents[2]
 COPIED = (
     "imgclf",
@@ -140,3 +145,29 @@ def ran(output: str) -> set[str]:
     return {
         line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")
     }
+
+
+def preprocess_tree(
+    tmp: Path,
+    options: DecodeOptions,
+    workers: int = 1,
+    decode_timeout: float | None = None,
+    overrides: Path | None = None,
+) -> tuple[list[Outcome], RunStats]:
+    """The ``preprocess`` stage's work on ``tmp``'s project layout (``data/raw`` in,
+    ``data/processed``, ``data/invalid``, ``data/manifest.csv`` out, ``.cache``), in
+    process."""
+    from imgclf.pipeline.preprocess import preprocess
+
+    return preprocess(
+        raw=tmp / "data" / "raw",
+        processed=tmp / "data" / "processed",
+        invalid=tmp / "data" / "invalid",
+        manifest=tmp / "data" / "manifest.csv",
+        cache_dir=tmp / ".cache",
+        options=options,
+        workers=workers,
+        root=tmp,
+        decode_timeout=decode_timeout,
+        overrides=overrides,
+    )

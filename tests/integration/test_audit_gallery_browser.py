@@ -5,14 +5,12 @@ the mouse, the thumbnails decoded and shown at 96 px, no console error."""
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from imgclf.pipeline.audit_gallery import gallery_html, thumbnail_jpeg
-from imgclf.testing.browser import CHROMIUM, NO_CHROMIUM, chromium, open_page
+from imgclf.testing.browser import open_page
 
 KINDS = ("label_issue", "near_duplicate_conflict", "outlier", "blank", "near_duplicate")
 # rank, issues, side, source image size (None: no thumbnail); thumbnails at most 128 px
@@ -33,17 +31,6 @@ VISIBLE = """[...document.querySelectorAll('figure.card')]
     const box = (img || card.querySelector('.noimg')).getBoundingClientRect();
     return [card.dataset.rank, img ? img.naturalWidth : null, box.width, box.height];
   })"""
-
-
-@pytest.fixture
-def browser(tmp_path):
-    """A fresh headless Chromium; yields the DevTools HTTP endpoint."""
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail(NO_CHROMIUM)
-        pytest.skip(NO_CHROMIUM)
-    with chromium(tmp_path) as devtools:
-        yield devtools
 
 
 def write_gallery(tmp_path: Path) -> Path:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 
 from imgclf.files import file_md5
 from imgclf.testing import images as f
-from imgclf.testing.browser import CHROMIUM, NO_CHROMIUM, chromium, open_page
+from imgclf.testing.browser import open_page
 from imgclf.testing.bundles import make_bundle
 from imgclf.testing.server import ServerProcess
 
@@ -25,17 +24,6 @@ def server(tmp_path_factory):
     srv = ServerProcess(tmp, make_bundle(tmp / "models"), "--reload-poll-seconds", "0")
     yield srv
     assert srv.stop() == 0, srv.log()
-
-
-@pytest.fixture
-def browser(tmp_path):
-    """A fresh headless Chromium; yields the DevTools HTTP endpoint."""
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail(NO_CHROMIUM)
-        pytest.skip(NO_CHROMIUM)
-    with chromium(tmp_path) as devtools:
-        yield devtools
 
 
 async def _drive(devtools: str, url: str, image: Path, bad: Path) -> dict:

@@ -18,9 +18,9 @@ from imgclf.pipeline.overrides import (
     parse_overrides,
     read_overrides,
 )
-from imgclf.pipeline.preprocess import preprocess
 from imgclf.pipeline.split import assign, read_manifest
 from imgclf.testing import images as f
+from imgclf.testing.project import preprocess_tree
 
 OPTS = f.preprocess_options(size=16, jpeg_quality=90)
 CLASSES = {"cat", "dog"}
@@ -176,17 +176,7 @@ DECISIONS = (
 
 
 def run(tmp: Path):
-    outcomes, _ = preprocess(
-        raw=tmp / "data" / "raw",
-        processed=tmp / "data" / "processed",
-        invalid=tmp / "data" / "invalid",
-        manifest=tmp / "data" / "manifest.csv",
-        cache_dir=tmp / ".cache",
-        options=OPTS,
-        workers=1,
-        root=tmp,
-        overrides=tmp / "data" / "labels_override.csv",
-    )
+    outcomes, _ = preprocess_tree(tmp, OPTS, overrides=tmp / "data" / "labels_override.csv")
     return outcomes
 
 

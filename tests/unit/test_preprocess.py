@@ -32,6 +32,7 @@ from imgclf.pipeline.preprocess import (
 )
 from imgclf.pipeline.preprocess_outputs import remove_stale_temp_files, temp_owner
 from imgclf.testing import images as f
+from imgclf.testing.project import preprocess_tree
 
 OPTS = f.preprocess_options(size=16, jpeg_quality=90)
 
@@ -42,17 +43,7 @@ def run(
     workers: int = 1,
     decode_timeout: float | None = None,
 ):
-    return preprocess(
-        raw=tmp / "data" / "raw",
-        processed=tmp / "data" / "processed",
-        invalid=tmp / "data" / "invalid",
-        manifest=tmp / "data" / "manifest.csv",
-        cache_dir=tmp / ".cache",
-        options=options,
-        workers=workers,
-        root=tmp,
-        decode_timeout=decode_timeout,
-    )
+    return preprocess_tree(tmp, options, workers, decode_timeout)
 
 
 def manifest(tmp: Path) -> dict[str, dict[str, str]]:
