@@ -58,7 +58,7 @@ from benchmarks.corpus import Corpus, make_photo
 from imgclf import imaging
 from imgclf.imaging import DecodeOptions
 from imgclf.params import Audit, Params, load_params
-from imgclf.pipeline import near_duplicates, suspects
+from imgclf.pipeline import audit_model, near_duplicates, suspects
 from imgclf.pipeline.preprocess_workers import process_image
 from imgclf.testing import images as imagefactory
 from imgclf.testing.noisy import Noise, noisy_digits
@@ -473,6 +473,43 @@ def fingerprint_cost(settings: Settings) -> tuple[dict[str, dict[str, Timing]], 
     return out, f"{what} of {size[0]}x{size[1]}"
 
 
+SCALE = (2_000, 20_000)  # synthetic images: the audit's size-dependent steps at each
+QUICK_SCALE = (500, 2_000)
+
+
+def scale_seconds(n: int, seed: int, folds: int, feature_size: int) -> dict[str, float]:
+    """Seconds of the audit's steps that grow with the data, on ``n`` synthetic images (10
+    classes, random fingerprints and pixel features): the near-duplicate search (all
+    pairs, in blocks), the folds, the knn out-of-sample probabilities, cleanlab's label
+    findings and its outlier scores."""
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2**63, n, dtype=np.int64)
+    thumbs = rng.integers(0, 256, (n, near_duplicates.THUMB_SIDE**2), dtype=np.uint8)
+    prints = [
+        near_duplicates.Fingerprint(int(h), t.tobytes())
+        for h, t in zip(hashes, thumbs, strict=True)
+    ]
+    y = rng.integers(0, 10, n)
+    x = rng.random((n, feature_size * feature_size * 3), dtype=np.float32)
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    pairs = near_duplicates.similar_pairs(prints, 8, 0.98)
+    near_duplicates.components(n, pairs)
+    out["near-duplicate search"] = time.perf_counter() - start
+    start = time.perf_counter()
+    held = n - n // 10  # the rest plays the test side
+    fold = audit_model.fold_of(y[:held], [str(i) for i in range(held)], folds, seed)
+    probs = audit_model.out_of_sample_probs(
+        fold, np.arange(held, n), 10, audit_model.knn_fit_predict(x, y)
+    )
+    out["folds + knn probabilities"] = time.perf_counter() - start
+    start = time.perf_counter()
+    audit_model.label_findings(y, np.concatenate([probs.train_val, probs.test]))
+    audit_model.outliers(x)
+    out["cleanlab findings + outliers"] = time.perf_counter() - start
+    return out
+
+
 # -- the benchmark --------------------------------------------------------------------------
 
 
@@ -518,6 +555,7 @@ class Measured:
     cost: dict[str, dict[str, Timing]]
     photo_line: str
     per_digit: int | None
+    scale: dict[int, dict[str, float]]
 
 
 def bench(settings: Settings, corpus: Corpus | None) -> Result:
@@ -536,6 +574,11 @@ def measure(settings: Settings) -> Measured:
     per_digit = QUICK_PER_DIGIT if settings.quick else None
     default = params.audit.model
     cost, photo_line = fingerprint_cost(settings)
+    sizes = QUICK_SCALE if settings.quick else SCALE
+    scale = {
+        n: scale_seconds(n, SEED, params.audit.folds, params.audit.feature_size) for n in sizes
+    }
+    log.info("audit steps at scale: %s", scale)
     with temp_dir(settings, "audit") as tmp:
         project = Project(copy_project(tmp / "repo"), tmp / "cache")
         noise = noisy_digits(
@@ -572,7 +615,7 @@ def measure(settings: Settings) -> Measured:
             train_seconds = trained["none"].train_seconds
     return Measured(
         params, noise, truth, side_of, byte_only, grouped, facts, audits, trained,
-        train_seconds, preprocess_seconds, cost, photo_line, per_digit,
+        train_seconds, preprocess_seconds, cost, photo_line, per_digit, scale,
     )  # fmt: skip
 
 
@@ -649,6 +692,17 @@ def figures(m: Measured, settings: Settings) -> list[Figure]:
             )
         )
 
+    small, large = sorted(m.scale)
+    for step, seconds in m.scale[large].items():
+        out.append(
+            Figure(
+                f"audit step at {large:,} synthetic images: {step}",
+                "s",
+                seconds,
+                m.scale[small][step],
+                f"the same step at {small:,} synthetic images",
+            )
+        )
     return out
 
 
@@ -727,6 +781,17 @@ def notes(m: Measured, settings: Settings) -> list[str]:
         + ", ".join(f"{k} {v:.1f} ms" for k, v in fp.items())
         + ". A JPEG's fingerprint decodes in draft mode (1/8 scale); a PNG cannot be drafted, "
         "so its fingerprint decodes the whole file a second time."
+    )
+    small, large = sorted(m.scale)
+    total = {n: sum(steps.values()) for n, steps in m.scale.items()}
+    out.append(
+        f"Scale: the steps that grow with the data, on {small:,} and {large:,} synthetic "
+        f"images (10 classes, random fingerprints and {m.params.audit.feature_size}x"
+        f"{m.params.audit.feature_size} RGB features, {m.params.audit.folds} folds, knn): "
+        f"{total[small]:.1f} s and {total[large]:.1f} s in all, {total[large] / total[small]:.0f}x "
+        f"for {large // small}x the images: the near-duplicate search compares all pairs (in "
+        "blocks of bounded memory) and cleanlab's outlier score finds every image's nearest "
+        "neighbours, so both grow about with the square of the images."
     )
     out.append(
         meaning(audits, grouped, byte_only, trained, audits[default], m.train_seconds, m.cost)
