@@ -124,7 +124,10 @@ def probabilities(
     from the split seed, models from the train seed)."""
     n, y = data.n_train_val, data.y
     groups = [g or p for g, p in zip(data.groups[:n], data.paths[:n], strict=True)]
-    fold = fold_of(y[:n], groups, cfg.folds, params.split_seed)
+    try:
+        fold = fold_of(y[:n], groups, cfg.folds, params.split_seed)
+    except ValueError as exc:  # too few images for the folds: the user's to fix
+        raise StageError(str(exc)) from None
     test_index = np.arange(n, len(data.paths))
     if cfg.model == "knn":
         fit_predict = knn_fit_predict(features, y)
@@ -299,10 +302,7 @@ def main() -> None:
     setup_logging(params.base.log_level)
     start = time.perf_counter()
     data = load_audit_data(PATHS.split_dir, PATHS.manifest)
-    try:
-        rows, summary = audit(data, params)
-    except ValueError as exc:  # too few images for the folds
-        raise StageError(str(exc)) from None
+    rows, summary = audit(data, params)
     table = ([row[f] for f in suspects.FIELDS] for row in rows)
     settings = {"model": params.audit.model, "folds": params.audit.folds}
     files = [
