@@ -130,8 +130,18 @@ class Paths:
         return self.models / "bundle.zip"
 
     @property
+    def export_dir(self) -> Path:
+        """The ``export`` stage's SavedModel, TFLite and ONNX files, beside the bundle."""
+        return self.models / "export"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics"
+
+    @property
+    def export_metrics(self) -> Path:
+        """Each export's parity with the Keras model on the test split."""
+        return self.metrics / "export.json"
 
     @property
     def audit(self) -> Path:

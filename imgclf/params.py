@@ -141,6 +141,22 @@ class Promote(Section):
     min_value: Annotated[float, Field(ge=0.0, le=1.0)]
 
 
+EXPORT_FORMATS = ("saved_model", "tflite", "onnx")
+
+
+class Export(Section):
+    """``export``: the promoted bundle as SavedModel, TFLite and ONNX, each checked on the
+    whole test split against the Keras model."""
+
+    formats: Annotated[list[Literal[EXPORT_FORMATS]], Field(min_length=1)]  # type: ignore[valid-type]
+    quantize: Literal["none", "dynamic", "int8"]
+    representative_images: Positive
+    max_abs_diff: Annotated[float, Field(ge=0.0)]
+    min_agreement: Annotated[float, Field(ge=0.0, le=1.0)]
+    onnx_opset: Annotated[int, Field(ge=13)]
+    batch_size: Positive
+
+
 class Mlflow(Section):
     experiment: Annotated[str, Field(min_length=1)]
     registered_model: Annotated[str, Field(min_length=1)] | None
@@ -158,6 +174,7 @@ class Params(Section):
     train: Train
     report: Report
     promote: Promote
+    export: Export
     mlflow: Mlflow
 
     @property
@@ -203,6 +220,7 @@ class ServeSettings(Section):
     tcp_line_timeout: Annotated[float, Field(gt=0)]
     tcp_drain_timeout: Annotated[float, Field(gt=0)]
     reload_poll_seconds: Annotated[float, Field(ge=0)]
+    runtime: Literal["auto", "keras", "tflite", "onnx"]
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -30,6 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 from imgclf.config import PATHS, load_serve, setup_logging, stage_main
+from imgclf.runtimes import RUNTIMES
 from imgclf.serving.listing import SourceMissing, scan
 from imgclf.serving.output import DECISION_KEY, ERRORS_KEY, origin_document
 from imgclf.serving.predictor import ModelLoadError, Predictor
@@ -46,6 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model",
         default=str(PATHS.bundle),
         help="bundle file (models/bundle.zip) or MLflow URI such as models:/imgclf@champion",
+    )
+    ap.add_argument(
+        "--runtime",
+        choices=("auto", *RUNTIMES),
+        default=None,
+        help="keras | tflite | onnx (default: serve.yaml's runtime, auto: the fastest of keras "
+        "and the exports that passed parity for the bundle)",
     )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--plain", action="store_true", help="only {path: {class: probability}}")
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     """Classify ``--image_source`` and print the origin's JSON; the exit status as above."""
     args = parse_args(argv)
     setup_logging(args.log_level)
-    max_pixels = load_serve().max_pixels  # the server's limit (a bad file: one line, 2)
+    settings = load_serve()  # the server's pixel limit and runtime (a bad file: one line, 2)
     source: Path = args.image_source
     try:
         listing = scan(source, args.recursive)
@@ -78,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("image source not found: %s (%s)", source, exc)
         return 2
     try:
-        predictor = Predictor.load(args.model, max_pixels=max_pixels)
+        predictor = Predictor.load(
+            args.model, settings.max_pixels, args.runtime or settings.runtime
+        )
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2

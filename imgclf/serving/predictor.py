@@ -2,8 +2,11 @@
 
 Every entry point (``predict.py``, HTTP, TCP) goes through :class:`Predictor`: images are
 turned into exactly the pixels training saw for them (:func:`imgclf.imaging.serving_input`),
-then run in batches through a ``tf.function`` with a fixed input signature (traced once,
-warmed at load time), never ``model.predict`` per request.
+then run in batches through one runtime (:mod:`imgclf.runtimes`): the Keras model behind
+a ``tf.function`` with a fixed input signature, or the bundle's TFLite or ONNX export when
+the export stage proved its parity; warmed at load time, never ``model.predict`` per
+request. ``runtime="auto"`` (the default) times each runtime available for the bundle and
+keeps the fastest; ``/version`` says which and why.
 
 Serving loads bundles only (:mod:`imgclf.bundle`): ``models/bundle.zip``, a folder holding
 one, or an MLflow URI such as ``models:/imgclf@champion`` whose artifacts hold one. The
@@ -24,9 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.bundle import MODEL_ENTRY, Bundle, BundleError, read_run_facts
-from imgclf.config import PATHS, import_tensorflow
+from imgclf import runtimes
+from imgclf.bundle import Bundle, BundleError, read_run_facts
+from imgclf.config import PATHS
 from imgclf.imaging import DecodeOptions, InvalidImage, serving_input
+from imgclf.runtimes import EXPORT_DIR, Exports, Runtime, read_exports
 from imgclf.serving.version import dvc_lock_record, shown_path
 
 log = logging.getLogger(__name__)
@@ -77,9 +82,9 @@ def bundle_path(source: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------ a bundle file
-def _read_file(path: Path) -> tuple[Bundle, BundleOrigin]:
-    """A bundle file, with the run facts ``promote`` wrote beside it and its ``dvc.lock``
-    record."""
+def _read_file(path: Path) -> tuple[Bundle, BundleOrigin, Exports]:
+    """A bundle file, with the run facts ``promote`` wrote beside it, its ``dvc.lock``
+    record and the exports made from it (``export/`` beside it)."""
     if not path.is_file():
         raise ModelLoadError(
             f"no model bundle at {shown_path(path)}: run `dvc repro` (a model is "
@@ -94,12 +99,13 @@ def _read_file(path: Path) -> tuple[Bundle, BundleOrigin]:
         run_name=facts.get("run_name"),
         git_commit=facts.get("git_commit"),
     )
-    return bundle, origin
+    return bundle, origin, read_exports(path.parent / EXPORT_DIR, bundle.md5)
 
 
 # ------------------------------------------------------------------ an MLflow URI
-def _download(uri: str) -> Bundle:
-    """The bundle among the artifacts behind ``uri``."""
+def _download(uri: str) -> tuple[Bundle, Exports]:
+    """The bundle among the artifacts behind ``uri``, and the exports beside it (the export
+    stage logs them to ``bundle/export/`` of the run that registered the bundle)."""
     import mlflow  # slow import: only when a URI is used
 
     with tempfile.TemporaryDirectory(prefix="imgclf-bundle-") as tmp:
@@ -107,7 +113,8 @@ def _download(uri: str) -> Bundle:
         found = [got] if got.is_file() else sorted(got.rglob(BUNDLE_FILE))
         if not found:
             raise ModelLoadError(f"{uri} holds no {BUNDLE_FILE}")
-        return Bundle.read(found[0])
+        bundle = Bundle.read(found[0])
+        return bundle, read_exports(found[0].parent / EXPORT_DIR, bundle.md5)
 
 
 def _registry_origin(uri: str) -> BundleOrigin:
@@ -143,14 +150,16 @@ def _uri_origin(uri: str) -> BundleOrigin:
         return BundleOrigin(source=uri)
 
 
-def _read_uri(uri: str) -> tuple[Bundle, BundleOrigin]:
-    return _download(uri), _uri_origin(uri)
+def _read_uri(uri: str) -> tuple[Bundle, BundleOrigin, Exports]:
+    bundle, exports = _download(uri)
+    return bundle, _uri_origin(uri), exports
 
 
-def read_source(source: str | Path) -> tuple[Bundle, BundleOrigin]:
-    """The bundle behind ``source`` (a file, a folder holding one, an MLflow URI) and where
-    it came from; any failure is a :class:`ModelLoadError` naming the source as ``/version``
-    does (never an absolute server path: the message reaches ``last_reload_error``)."""
+def read_source(source: str | Path) -> tuple[Bundle, BundleOrigin, Exports]:
+    """The bundle behind ``source`` (a file, a folder holding one, an MLflow URI), where it
+    came from and the exports of it that passed parity; any failure is a
+    :class:`ModelLoadError` naming the source as ``/version`` does (never an absolute
+    server path: the message reaches ``last_reload_error``)."""
     label = str(source) if is_uri(source) else shown_path(bundle_path(source))
     try:
         return _read_uri(str(source)) if is_uri(source) else _read_file(bundle_path(source))
@@ -171,11 +180,14 @@ def _decode_options(info: dict[str, Any], max_pixels: int | None) -> DecodeOptio
     return options
 
 
-def _version(bundle: Bundle, origin: BundleOrigin, point: OperatingPoint) -> dict[str, Any]:
-    """``/version``'s description of a loaded bundle."""
+def _version(
+    bundle: Bundle, origin: BundleOrigin, point: OperatingPoint, runtime: dict[str, Any]
+) -> dict[str, Any]:
+    """``/version``'s description of a loaded bundle and the runtime that runs it."""
     info = bundle.info
     return {
         **asdict(origin),
+        "runtime": runtime,
         "bundle_md5": bundle.md5,
         "class_names": bundle.class_names,
         "image_size": int(info["decode"]["size"]),
@@ -195,31 +207,35 @@ class Predictor:
     operating_point: OperatingPoint
     info: dict[str, Any]
     version: dict[str, Any]
-    _infer: Any = field(repr=False)
+    _infer: Runtime = field(repr=False)
     loaded_at: float = field(default_factory=time.time)
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def load(cls, source: str | Path | None = None, max_pixels: int | None = None) -> Predictor:
-        """Load a bundle (default ``models/bundle.zip``) or an MLflow URI, compiled.
+    def load(
+        cls, source: str | Path | None = None, max_pixels: int | None = None, runtime: str = "auto"
+    ) -> Predictor:
+        """Load a bundle (default ``models/bundle.zip``) or an MLflow URI on ``runtime``
+        (``keras``, ``tflite``, ``onnx``, or ``auto``: the fastest available), warmed.
 
         ``max_pixels`` tightens (never loosens) the bundle's own decoded-pixel limit.
         """
-        bundle, origin = read_source(source or PATHS.bundle)
+        bundle, origin, exports = read_source(source or PATHS.bundle)
         decode = _decode_options(bundle.info, max_pixels)
         point = OperatingPoint.from_info(bundle.info["operating_point"])
+        engine, chosen = choose_runtime(bundle, exports, decode.size, runtime)
         predictor = cls(
             class_names=tuple(bundle.class_names),
             decode=decode,
             operating_point=point,
             info=bundle.info,
-            version=_version(bundle, origin, point),
-            _infer=_compile(bundle.model_bytes, decode.size, len(bundle.class_names)),
+            version=_version(bundle, origin, point, chosen),
+            _infer=engine,
         )
         log.info(
-            "loaded bundle %s (md5 %s, %d classes, %dpx, %s >= %s)",
+            "loaded bundle %s (md5 %s, %d classes, %dpx, %s >= %s) on %s (%s)",
             origin.source, bundle.md5, len(predictor.class_names), decode.size,
-            point.positive_class, point.threshold,
+            point.positive_class, point.threshold, engine.name, chosen["why"],
         )  # fmt: skip
         return predictor
 
@@ -236,7 +252,7 @@ class Predictor:
 
     def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities ``(n, classes)`` for a ``(n, size, size, 3)`` batch of pixels."""
-        return np.asarray(self._infer(batch.astype(np.float32, copy=False)))
+        return np.asarray(self._infer(np.ascontiguousarray(batch, np.float32)))
 
     def describe(self, probs: np.ndarray) -> dict[str, Any]:
         """One image's answer: probabilities, top class and the thresholded decision."""
@@ -280,21 +296,67 @@ class Predictor:
                 yield path, answers.get(i) or self.describe(next(probs))
 
 
-def _load_keras(model_bytes: bytes) -> Any:
-    """The Keras model stored in a bundle (loaded from a temporary file Keras needs)."""
-    import_tensorflow()
-    import keras
+def _keras(bundle: Bundle, size: int) -> Runtime:
+    """The bundle's Keras model behind a compiled call."""
+    try:
+        model = runtimes.load_keras(bundle.model_bytes)
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot load the bundle's model ({exc})") from exc
+    _check_shapes(model, size, len(bundle.class_names))
+    return runtimes.KerasRuntime(model, size)
 
-    with tempfile.TemporaryDirectory(prefix="imgclf-model-") as tmp:
-        path = Path(tmp) / MODEL_ENTRY
-        path.write_bytes(model_bytes)
-        try:
-            return keras.models.load_model(path, compile=False)
-        except Exception as exc:  # Keras names the temporary file: keep it out
-            said = str(exc).replace(str(path), MODEL_ENTRY).replace(tmp, "")
-            raise ModelLoadError(
-                f"cannot load the bundle's model ({type(exc).__name__}: {said})"
-            ) from exc
+
+def _exported(name: str, exports: Exports, size: int, n_classes: int) -> Runtime:
+    """The export ``name`` of the bundle, loaded and checked to give one value per class."""
+    if name not in exports.files:
+        why = exports.missing.get(name, "unknown runtime")
+        raise ModelLoadError(f"runtime {name} is not available for this bundle: {why}")
+    try:
+        engine = runtimes.LOADERS[name](exports.files[name])
+        shape = engine(np.zeros((1, size, size, 3), np.float32)).shape
+    except Exception as exc:
+        raise ModelLoadError(f"cannot run the {name} export: {type(exc).__name__}: {exc}") from exc
+    if shape != (1, n_classes):
+        raise ModelLoadError(f"the {name} export gives {shape} for one image, not (1, {n_classes})")
+    return engine
+
+
+def _requested(wanted: str, bundle: Bundle, exports: Exports, size: int) -> Runtime:
+    """The runtime named ``wanted``; :class:`ModelLoadError` when it cannot run the bundle."""
+    if wanted == "keras":
+        return _keras(bundle, size)
+    if wanted not in runtimes.RUNTIMES:
+        raise ModelLoadError(
+            f"unknown runtime {wanted!r}: choose auto, {', '.join(runtimes.RUNTIMES)}"
+        )
+    return _exported(wanted, exports, size, len(bundle.class_names))
+
+
+def choose_runtime(
+    bundle: Bundle, exports: Exports, size: int, wanted: str
+) -> tuple[Runtime, dict[str, Any]]:
+    """The runtime ``wanted``, or for ``auto`` the fastest batch-1 call (timed here) of Keras
+    and the exports that passed parity; plus ``/version``'s account of the choice."""
+    parity = exports.parity()
+    if wanted != "auto":
+        engine = _requested(wanted, bundle, exports, size)
+        return engine, {"name": wanted, "requested": wanted, "why": "requested",
+                        "parity": parity.get(wanted)}  # fmt: skip
+    candidates = [_keras(bundle, size)]
+    candidates += [_exported(n, exports, size, len(bundle.class_names)) for n in exports.files]
+    timings = None
+    if len(candidates) == 1:
+        best = candidates[0]
+        why = (
+            "the only runtime (" + "; ".join(f"{k}: {v}" for k, v in exports.missing.items()) + ")"
+        )
+    else:
+        best, timings = runtimes.fastest(candidates, size)
+        ranked = sorted(timings.items(), key=lambda kv: kv[1])
+        why = "fastest batch-1 call: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ranked)
+    account = {"name": best.name, "requested": "auto", "why": why, "timings_ms": timings,
+               "unavailable": dict(exports.missing), "parity": parity.get(best.name)}  # fmt: skip
+    return best, account
 
 
 def _check_shapes(model: Any, size: int, n_classes: int) -> None:
@@ -306,16 +368,3 @@ def _check_shapes(model: Any, size: int, n_classes: int) -> None:
         raise ModelLoadError(
             f"the bundle's model outputs {model.output_shape[-1]} values for {n_classes} classes"
         )
-
-
-def _compile(model_bytes: bytes, size: int, n_classes: int) -> Any:
-    """The bundle's model behind a ``tf.function`` with one fixed input signature."""
-    model = _load_keras(model_bytes)
-    _check_shapes(model, size, n_classes)
-    import tensorflow as tf
-
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
-    def infer(x: tf.Tensor) -> tf.Tensor:
-        return model(x, training=False)
-
-    return infer  # the closure keeps the model alive

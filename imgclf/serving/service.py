@@ -32,6 +32,7 @@ from watchfiles import Change, awatch
 
 from imgclf.imaging import InvalidImage
 from imgclf.params import ServeSettings
+from imgclf.runtimes import EXPORT_DIR
 from imgclf.serving.batching import MicroBatcher, Overloaded
 from imgclf.serving.predictor import Predictor, bundle_path, is_uri
 
@@ -62,6 +63,7 @@ class ServiceConfig:
     decode_workers: int = 2
     reload_poll_seconds: float = 2.0
     max_pixels: int | None = None
+    runtime: str = "auto"
 
     @classmethod
     def from_settings(cls, source: str, settings: ServeSettings) -> ServiceConfig:
@@ -74,6 +76,7 @@ class ServiceConfig:
             decode_workers=settings.decode_workers,
             reload_poll_seconds=settings.reload_poll_seconds,
             max_pixels=settings.max_pixels,
+            runtime=settings.runtime,
         )
 
     @property
@@ -142,7 +145,7 @@ class InferenceService:
         return self._predictor
 
     def _load(self) -> Predictor:
-        predictor = Predictor.load(self.config.source, self.config.max_pixels)
+        predictor = Predictor.load(self.config.source, self.config.max_pixels, self.config.runtime)
         predictor.warm((1, self.config.max_batch))
         return predictor
 
@@ -223,18 +226,20 @@ class InferenceService:
         return True
 
     async def _watch_bundle(self) -> None:
-        """Reload each time the bundle file changes (a batch of changes: one reload),
-        until :meth:`stop`. A deleted file is not reloaded: its replacement will be."""
+        """Reload each time the bundle file or its exports change (a batch of changes: one
+        reload), until :meth:`stop`. A deleted file is not reloaded: its replacement will be."""
         bundle = bundle_path(self.config.source)
         folder = bundle.parent.resolve()  # not the file: it may be a link DVC replaces
+        exports = folder / EXPORT_DIR
 
         def is_bundle(change: Change, path: str) -> bool:
-            return Path(path).name == bundle.name
+            changed = Path(path)
+            return changed == folder / bundle.name or exports in (changed, changed.parent)
 
         changes = awatch(
             folder,
             watch_filter=is_bundle,
-            recursive=False,
+            recursive=True,
             poll_delay_ms=int(self.config.reload_poll_seconds * 1000),
             stop_event=self._stopping,
         )

@@ -33,11 +33,11 @@ def loads(monkeypatch) -> list[int | None]:
 
     class Cached:
         @staticmethod
-        def load(source, max_pixels=None) -> Predictor:
+        def load(source, max_pixels=None, runtime="auto") -> Predictor:
             limits.append(max_pixels)
-            key = (str(source), max_pixels)
+            key = (str(source), max_pixels, runtime)
             if key not in LOADED:
-                LOADED[key] = Predictor.load(source, max_pixels=max_pixels)
+                LOADED[key] = Predictor.load(source, max_pixels, runtime)
             return LOADED[key]
 
     monkeypatch.setattr(predict, "Predictor", Cached)

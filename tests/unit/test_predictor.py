@@ -56,7 +56,7 @@ def test_loads_contract_and_compiles_once(predictor):
         probs = predictor.predict_arrays(np.zeros((n, 32, 32, 3), np.uint8))
         assert probs.shape == (n, 2)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    assert predictor._infer.experimental_get_tracing_count() == 1  # one fixed signature
+    assert predictor._infer.traces() == 1  # one fixed signature
 
 
 def test_folder_holding_the_bundle_loads_the_same_bundle(bundle, predictor):
