@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from imgclf.config import import_tensorflow
+from imgclf.files import file_md5
 
 RUNTIMES = ("keras", "tflite", "onnx")
 EXPORT_DIR = "export"  # beside the bundle file: models/export/
@@ -58,15 +59,14 @@ def cpu_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def file_md5(path: Path) -> str:
-    """md5 of a file, or of a folder's files (relative paths and contents, sorted)."""
+def tree_md5(path: Path) -> str:
+    """md5 of a file (as ``dvc.lock`` records it), or of a folder's files: their relative
+    paths and md5s, sorted."""
+    if not path.is_dir():
+        return file_md5(path)
     digest = hashlib.md5(usedforsecurity=False)
-    if path.is_dir():
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f.relative_to(path).as_posix().encode() + b"\0")
-            digest.update(hashlib.md5(f.read_bytes(), usedforsecurity=False).digest())
-    else:
-        digest.update(path.read_bytes())
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(path).as_posix()}\0{file_md5(f)}\n".encode())
     return digest.hexdigest()
 
 

@@ -186,7 +186,7 @@ def export_manifest(
     exports = {
         name: {
             "path": path.name,
-            "md5": runtimes.file_md5(path),
+            "md5": runtimes.tree_md5(path),
             "bytes": runtimes.folder_bytes(path),
             **parity[name].facts(cfg),
         }
@@ -195,13 +195,70 @@ def export_manifest(
     return {**bundle.info, "bundle_md5": bundle.md5, "exports": exports}
 
 
-def export_metrics(manifest: dict[str, Any], images: int, keras_accuracy: float) -> dict[str, Any]:
-    """``metrics/export.json``: per export its parity figures and size."""
+def export_bundle(
+    bundle: Bundle,
+    folder: Path,
+    cfg: Export,
+    batches: Iterable[Batch],
+    representative: np.ndarray | None = None,
+) -> tuple[dict[str, Any], dict[str, Parity]]:
+    """Write ``bundle``'s exports into ``folder`` and check each against its Keras model on
+    ``batches``; returns ``bundle.json``'s content (not written: the caller decides, after
+    looking at the parity) and the parity per export."""
+    classes, op = bundle.class_names, bundle.info["operating_point"]
+    rule = Rule(classes.index(op["positive_class"]), float(op["threshold"]))
+    model = runtimes.load_keras(bundle.model_bytes)
+    log.info(
+        "exporting bundle md5 %s without its training-only layers %s",
+        bundle.md5, formats.training_only_layers(model),
+    )  # fmt: skip
+    paths = write_exports(formats.inference_model(model), folder, cfg, representative)
+    keras = runtimes.KerasRuntime(model, int(bundle.info["image_size"]))
+    parity = check_parity(keras, load_calls(paths), batches, rule)
+    return export_manifest(bundle, paths, parity, cfg), parity
+
+
+def export_metrics(manifest: dict[str, Any], parity: dict[str, Parity]) -> dict[str, Any]:
+    """``metrics/export.json``: the test images, Keras' accuracy at the threshold, and per
+    export its parity figures and size."""
+    first = next(iter(parity.values()))
     per_export = {
         name: {k: v for k, v in facts.items() if k not in ("path", "md5")}
         for name, facts in manifest["exports"].items()
     }
-    return {"test_images": images, "keras_accuracy": round(keras_accuracy, 6), **per_export}
+    keras_accuracy = round(first.keras_correct / max(first.images, 1), 6)
+    return {"test_images": first.images, "keras_accuracy": keras_accuracy, **per_export}
+
+
+def describe(name: str, facts: dict[str, Any]) -> str:
+    """One export's line in the log."""
+    verdict = {True: ", passed", False: ", FAILED"}.get(facts.get("passed"), " (not required)")
+    return (
+        f"{name} ({facts['path']}, {facts['bytes']:,} bytes): max |p - p_keras| "
+        f"{facts['max_abs_diff']:.2g}, decisions agree {facts['decision_agreement']:.2%}, "
+        f"accuracy {facts['accuracy']:.4f} ({facts['accuracy_delta']:+.4f}){verdict}"
+    )
+
+
+def check_bounds(parity: dict[str, Parity], cfg: Export) -> None:
+    """A :class:`StageError` naming every float export outside its bounds."""
+    misses = [f"{name}: {'; '.join(p.misses(cfg))}" for name, p in parity.items() if p.misses(cfg)]
+    if misses:
+        images = next(iter(parity.values())).images
+        raise StageError(
+            f"export parity failed on {images} test images ({' | '.join(misses)}); "
+            "models/export/ is not written (figures in metrics/export.json)"
+        )
+
+
+def publish(staging: Path, manifest: dict[str, Any], target: Path) -> Path:
+    """Write ``bundle.json`` into ``staging`` and make it ``target`` in one rename (a reader
+    never sees half an export)."""
+    write_json(staging / runtimes.MANIFEST, manifest)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    log.info("wrote %s for bundle md5 %s", target.name, manifest["bundle_md5"])
+    return target
 
 
 def representative_images(cfg: Export, seed: int, image_size: int) -> np.ndarray | None:
@@ -250,7 +307,7 @@ def log_to_mlflow(bundle: Bundle, metrics: dict[str, Any], experiment: str) -> A
         run.log_metrics(
             {f"export_{name}_{k}": float(v) for name, f in per_export.items() for k, v in f.items()}
         )
-        run.log_artifact(PATHS.export_dir, "bundle/export")
+        run.log_artifact(PATHS.export_dir, "bundle")  # bundle/export/, beside bundle.zip
         run.log_artifact(PATHS.export_metrics)
     return run
 
@@ -259,40 +316,23 @@ def log_to_mlflow(bundle: Bundle, metrics: dict[str, Any], experiment: str) -> A
 def main() -> None:
     params = load_params()
     setup_logging(params.base.log_level)
-    cfg = params.export
-    bundle = read_bundle()
-    size, classes = int(bundle.info["image_size"]), bundle.class_names
-    op = bundle.info["operating_point"]
-    rule = Rule(classes.index(op["positive_class"]), float(op["threshold"]))
+    cfg, bundle = params.export, read_bundle()
+    size = int(bundle.info["image_size"])
     import_tensorflow()
-    model = runtimes.load_keras(bundle.model_bytes)
-    dropped = formats.training_only_layers(model)
-    log.info("exporting bundle md5 %s without its training-only layers %s", bundle.md5, dropped)
     staging = PATHS.models / ".export.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     representative = representative_images(cfg, params.base.seed, size)
-    paths = write_exports(formats.inference_model(model), staging, cfg, representative)
-    keras = runtimes.KerasRuntime(model, size)
-    batches = test_batches(classes, size, cfg.batch_size)
-    parity = check_parity(keras, load_calls(paths), batches, rule)
-    images = next(iter(parity.values())).images
-    keras_accuracy = next(iter(parity.values())).keras_correct / max(images, 1)
-    manifest = export_manifest(bundle, paths, parity, cfg)
-    metrics = export_metrics(manifest, images, keras_accuracy)
-    write_json(PATHS.export_metrics, metrics)
-    for name, facts in manifest["exports"].items():
-        log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in facts.items() if k != "md5"))
-    misses = [f"{name}: {'; '.join(p.misses(cfg))}" for name, p in parity.items() if p.misses(cfg)]
-    if misses:
-        shutil.rmtree(staging)
-        raise StageError(
-            f"export parity failed on {images} test images ({' | '.join(misses)}); "
-            "models/export/ is not written (figures in metrics/export.json)"
-        )
-    write_json(staging / runtimes.MANIFEST, manifest)
-    shutil.rmtree(PATHS.export_dir, ignore_errors=True)
-    staging.rename(PATHS.export_dir)
-    log.info("wrote %s for bundle md5 %s", PATHS.export_dir.relative_to(PATHS.root), bundle.md5)
+    batches = test_batches(bundle.class_names, size, cfg.batch_size)
+    try:
+        manifest, parity = export_bundle(bundle, staging, cfg, batches, representative)
+        metrics = export_metrics(manifest, parity)
+        write_json(PATHS.export_metrics, metrics)
+        for name, facts in manifest["exports"].items():
+            log.info("%s", describe(name, facts))
+        check_bounds(parity, cfg)
+        publish(staging, manifest, PATHS.export_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     run = log_to_mlflow(bundle, metrics, params.mlflow.experiment)
     if run is not None:
         from imgclf import tracking

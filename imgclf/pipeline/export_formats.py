@@ -15,7 +15,6 @@ their bytes differ from run to run (variable order, folded-constant names).
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,15 +42,17 @@ def inference_model(model: Any) -> Any:
     shape is refused with ``ValueError`` rather than guessed at."""
     import keras
 
-    layers = model.layers
-    for previous, layer in itertools.pairwise(layers):
-        inbound = layer._inbound_nodes
-        parents = [t._keras_history.operation for t in inbound[0].input_tensors] if inbound else []
-        if len(inbound) != 1 or parents != [previous]:
+    previous = model.inputs[0]._keras_history.operation  # the InputLayer
+    chain = [layer for layer in model.layers if layer is not previous]
+    for layer in chain:
+        nodes = layer._inbound_nodes  # the first is this model's (later ones: other models')
+        parents = [t._keras_history.operation for t in nodes[0].input_tensors] if nodes else []
+        if parents != [previous]:
             raise ValueError(f"layer {layer.name} is not fed by {previous.name} alone")
+        previous = layer
     inputs = keras.Input(model.input_shape[1:], name=model.inputs[0].name)
     x = inputs
-    for layer in layers[1:]:
+    for layer in chain:
         if type(layer).__name__ not in TRAINING_ONLY:
             x = layer(x)
     return keras.Model(inputs, x, name=f"{model.name}_inference")
@@ -135,30 +136,30 @@ def write_onnx(tflite: Path, path: Path, opset: int) -> Path:
 
 
 def canonical_onnx(model: Any) -> Any:
-    """``model`` with every internal tensor renamed by its first use in node order
-    (``t<k>``, initializers ``c<k>``, sorted), nodes ``<op>_<k>``: two conversions of one
-    model that differ only in generated names become the same bytes. Graph inputs and
-    outputs keep their names."""
+    """``model`` with generated names replaced: the input is ``image``, the output ``probs``,
+    their batch dimension ``batch``; every other tensor is renamed by its first use in node
+    order (``t<k>``, initializers ``c<k>``, sorted), nodes ``<op>_<k>``. Two conversions of
+    one model that differ only in generated names become the same bytes."""
     graph = model.graph
-    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    names = {graph.input[0].name: "image", graph.output[0].name: "probs"}
     constants = {i.name for i in graph.initializer}
-    names: dict[str, str] = {}
 
     def rename(name: str) -> str:
-        if not name or name in keep:
-            return name
-        if name not in names:
+        if name and name not in names:
             names[name] = f"{'c' if name in constants else 't'}{len(names)}"
-        return names[name]
+        return names.get(name, name)
 
     for k, node in enumerate(graph.node):
         node.input[:] = [rename(n) for n in node.input]
         node.output[:] = [rename(n) for n in node.output]
         node.name = f"{node.op_type}_{k}"
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        info.name = rename(info.name)
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = "batch"
     for initializer in graph.initializer:
         initializer.name = rename(initializer.name)
-    for info in graph.value_info:
-        info.name = rename(info.name)
     _sort(graph.initializer, key=lambda i: int(i.name[1:]))
     _sort(graph.value_info, key=lambda v: v.name)
     return model

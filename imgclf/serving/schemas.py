@@ -109,6 +109,23 @@ class OperatingPointInfo(BaseModel):
     threshold: float
 
 
+class RuntimeInfo(BaseModel):
+    """The engine that runs the model, and why it was chosen."""
+
+    name: Literal["keras", "tflite", "onnx"]
+    requested: Literal["auto", "keras", "tflite", "onnx"]
+    why: str = Field(description="requested, or the batch-1 timings auto compared")
+    timings_ms: dict[str, float] | None = Field(
+        None, description="auto: median batch-1 call of each available runtime, timed at load"
+    )
+    unavailable: dict[str, str] | None = Field(
+        None, description="auto: runtimes that could not run this bundle, and why"
+    )
+    parity: dict[str, Any] | None = Field(
+        description="the export stage's parity facts for this runtime's file (null for keras)"
+    )
+
+
 class VersionInfo(BaseModel):
     """The served bundle: its md5 and where it came from, its gate and metrics."""
 
@@ -125,5 +142,6 @@ class VersionInfo(BaseModel):
     git_commit: str | None
     mlflow_run_id: str | None
     run_name: str | None
+    runtime: RuntimeInfo
     loaded_at: float = Field(description="Unix time the bundle was loaded")
     last_reload_error: ReloadError | None

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from imgclf.bundle import FORMAT, INFO_ENTRY, MODEL_ENTRY, write_bundle, write_run_facts
+import numpy as np
+
+from imgclf.bundle import FORMAT, INFO_ENTRY, MODEL_ENTRY, Bundle, write_bundle, write_run_facts
 from imgclf.files import file_md5, write_bytes
+from imgclf.runtimes import EXPORT_DIR
 from imgclf.testing.images import preprocess_options
 
 BUNDLE_NAME = "bundle.zip"
@@ -136,3 +140,24 @@ def string_values(value: Any) -> list[str]:
     if isinstance(value, list):
         return [s for v in value for s in string_values(v)]
     return []
+
+
+def export_beside(bundle: Path, quantize: str = "none", seed: int = 0, **bounds: Any) -> Path:
+    """Export ``bundle`` as the ``export`` stage does (its own functions, the project's
+    ``export`` params with ``quantize`` and ``bounds`` changed) into ``export/`` beside it,
+    parity checked on 64 random images instead of a test split; returns the folder.
+    Raises :class:`~imgclf.config.StageError` when an export misses its bounds."""
+    from imgclf.config import load_params
+    from imgclf.pipeline import export
+
+    loaded = Bundle.read(bundle)
+    cfg = load_params().export.model_copy(update={"quantize": quantize, **bounds})
+    size, n = int(loaded.info["image_size"]), len(loaded.class_names)
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (64, size, size, 3)).astype(np.float32)
+    batches = [(pixels[i : i + 16], rng.integers(0, n, 16)) for i in range(0, 64, 16)]
+    staging = bundle.parent / ".export.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    manifest, parity = export.export_bundle(loaded, staging, cfg, batches, pixels)
+    export.check_bounds(parity, cfg)
+    return export.publish(staging, manifest, bundle.parent / EXPORT_DIR)

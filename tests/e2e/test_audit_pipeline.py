@@ -14,7 +14,7 @@ from imgclf.testing.noisy import Noise, noisy_digits
 from imgclf.testing.project import commit, copy_project, dvc, init_repo, ran, run, set_params
 
 FAST = {"epochs": 3, "patience": 2, "cnn_filters": [8, 16], "batch_size": 16}
-ALL = {"preprocess", "split", "audit", "train", "report", "promote"}
+ALL = {"preprocess", "split", "audit", "train", "report", "promote", "export"}
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -51,7 +51,7 @@ def test_exclude_label_issues_is_an_experiment_of_train_report_promote(noisy):
     assert left_out, "the noisy set must have train-side label issues"
     before = train_count(repo)
     proc = dvc(repo, "exp", "run", "-S", "audit.exclude=label_issues")
-    assert ran(proc.stdout) == {"train", "report", "promote"}, proc.stdout
+    assert ran(proc.stdout) == {"train", "report", "promote", "export"}, proc.stdout
     assert train_count(repo) == before - len(left_out)
     diff = json.loads(dvc(repo, "metrics", "diff", "--all", "--json").stdout)
     assert {"metrics/test.json", "metrics/audit/summary.json"} <= set(diff)

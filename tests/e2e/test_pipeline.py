@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,13 +20,13 @@ import yaml
 
 from imgclf import tracking
 from imgclf.files import file_md5
-from imgclf.testing.project import commit, dvc, env, make_repo, ran, run, set_params
+from imgclf.testing.project import commit, dvc, env, make_repo, python, ran, run, set_params
 
 # -- the whole pipeline in a temporary git + DVC repo ----------------------------------------
 # The classes are renamed (no `sensitive`): the operating point must find its class itself.
 
 FAST = {"epochs": 3, "patience": 2, "cnn_filters": [8, 16], "cnn_dense": 16, "batch_size": 16}
-STAGES = {"preprocess", "split", "audit", "train", "report", "promote"}
+STAGES = {"preprocess", "split", "audit", "train", "report", "promote", "export"}
 
 
 def mlflow_runs(repo: Path, stage: str = "train"):
@@ -152,6 +153,63 @@ def test_a_typo_or_bad_value_fails_fast_naming_the_key_and_creates_no_run(repo: 
     print(f"dvc exp run -S train.epochs=abc failed after {seconds:.1f} s")
 
 
+FLOAT_EXPORTS = ("tflite", "saved_model", "onnx")
+
+
+def test_export_proves_parity_on_the_whole_test_split_and_travels_with_the_registry(repo: Path):
+    metrics = json.loads((repo / "metrics" / "export.json").read_text())
+    test_lines = (repo / "data" / "split" / "test.csv").read_text().splitlines()
+    assert metrics["test_images"] == len(test_lines) - 1  # the header
+    for name in FLOAT_EXPORTS:
+        assert metrics[name]["passed"] is True, name
+        assert metrics[name]["decision_agreement"] == 1.0, name
+        assert metrics[name]["max_abs_diff"] <= 1e-4, name
+        assert metrics[name]["accuracy"] == metrics["keras_accuracy"], name
+    assert "passed" not in metrics["tflite_dynamic"]  # quantised: reported, not required
+    manifest = json.loads((repo / "models" / "export" / "bundle.json").read_text())
+    assert manifest["bundle_md5"] == bundle_md5(repo)
+    assert manifest["operating_point"] == bundle_info(repo)["operating_point"]
+    shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    assert any("metrics/export.json" in d.get("data", {}) for d in shown.values())
+
+    client, _ = mlflow_runs(repo)
+    run_id = run_facts(repo)["mlflow_run_id"]
+    logged = {a.path for a in client.list_artifacts(run_id, "bundle/export")}
+    assert {"bundle/export/model.tflite", "bundle/export/model.onnx"} <= logged
+    assert client.get_run(run_id).data.metrics["export_tflite_passed"] == 1.0
+    code = (
+        "import json; from imgclf.serving.predictor import Predictor; "
+        "p = Predictor.load('models:/imgclf@champion', runtime='onnx'); "
+        "print(json.dumps([p.version['runtime']['name'], p.version['bundle_md5']]))"
+    )
+    uri = {"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    out = python(repo, "-c", code, extra_env=uri).stdout.strip().splitlines()[-1]
+    assert json.loads(out) == ["onnx", bundle_md5(repo)]
+
+
+def test_a_parity_miss_fails_export_in_one_line_and_writes_no_export(repo: Path):
+    old_md5 = bundle_md5(repo)
+    set_params(repo, {"export.max_abs_diff": 1.0e-12})
+    proc = dvc(repo, "repro", check=False)
+    assert proc.returncode != 0
+    assert ran(proc.stdout) == {"export"}, proc.stdout
+    assert "Traceback" not in proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: export parity failed")]
+    assert len(lines) == 1, proc.stderr
+    assert re.fullmatch(
+        r"error: export parity failed on \d+ test images \(tflite: max \|p - p_keras\| \S+ > "
+        r"1e-12( \| onnx: .*)?\); models/export/ is not written \(figures in metrics/export.json\)",
+        lines[0],
+    ), lines[0]
+    metrics = json.loads((repo / "metrics" / "export.json").read_text())
+    assert metrics["tflite"]["passed"] is False and metrics["saved_model"]["passed"] is True
+    assert not (repo / "models" / "export").exists()
+    assert bundle_md5(repo) == old_md5  # the served bundle is untouched
+    run(repo, "git", "checkout", "--", "params.yaml", "metrics/export.json")
+    dvc(repo, "checkout", "-f")
+    assert (repo / "models" / "export" / "model.tflite").is_file()
+
+
 def watch_server(srv, stop: threading.Event, seen: list) -> None:
     """Record (bundle md5, threshold) of every /predict answer until ``stop``."""
     from imgclf.testing import images as f
@@ -229,7 +287,7 @@ def test_an_exp_run_is_served_only_once_promoted_with_its_own_threshold(repo: Pa
     finally:
         stop.set()
         watcher.join()
-    assert ran(proc.stdout) == {"train", "report", "promote"}, proc.stdout
+    assert ran(proc.stdout) == {"train", "report", "promote", "export"}, proc.stdout
     new_md5, new_info = bundle_md5(repo), bundle_info(repo)
     assert new_md5 != old_md5
     answers = dict.fromkeys(seen)  # in order of first appearance
