@@ -26,12 +26,13 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from imgclf import runtimes
 from imgclf.bundle import Bundle, BundleError, read_run_facts
@@ -275,13 +276,21 @@ def representative_images(cfg: Export, seed: int, image_size: int) -> np.ndarray
 
 
 def test_batches(class_names: list[str], image_size: int, batch_size: int) -> Iterable[Batch]:
-    """The whole test split as ``(pixels, labels)`` batches, decoded as training read them."""
+    """The whole test split as ``(pixels, labels)`` batches, decoded as training read them,
+    with a progress bar (on a terminal)."""
     listed = read_list(PATHS.split_list("test"))
     if not listed.paths:
         raise StageError("the test list is empty: rerun the split stage")
     labels = encode_labels(listed.labels, class_names)
     ds = make_dataset(listed.files(PATHS.root), labels, image_size, batch_size, cache=False)
-    return ((x.numpy(), y.numpy()) for x, y in ds)
+    return _numpy_batches(ds, len(labels))
+
+
+def _numpy_batches(ds: Any, total: int) -> Iterator[Batch]:
+    with tqdm(total=total, desc="export parity", unit="img", disable=None) as bar:
+        for x, y in ds:
+            bar.update(len(y))
+            yield x.numpy(), y.numpy()
 
 
 def read_bundle() -> Bundle:
