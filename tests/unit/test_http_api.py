@@ -47,7 +47,7 @@ LIMITS = HttpLimits(
 VERSION_KEYS = {
     "source", "dvc_lock", "registry", "bundle_md5", "class_names", "image_size",
     "operating_point", "gate", "metrics", "data_hash", "git_commit", "mlflow_run_id",
-    "run_name", "loaded_at", "last_reload_error",
+    "run_name", "runtime", "loaded_at", "last_reload_error",
 }  # fmt: skip
 
 
@@ -318,6 +318,12 @@ def test_version_describes_the_served_bundle(client, predictor, bundle, started)
     assert (v["mlflow_run_id"], v["run_name"]) == (RUN_ID, RUN_FACTS["run_name"])
     assert v["git_commit"] == RUN_FACTS["git_commit"]
     assert v["last_reload_error"] is None
+    no_export = "no export (run the export stage: export/bundle.json: No such file or directory)"
+    assert v["runtime"] == {
+        "name": "keras", "requested": "auto", "why": f"the only runtime (tflite: {no_export}; "
+        f"onnx: {no_export})", "timings_ms": None, "unavailable": dict.fromkeys(
+            ("tflite", "onnx"), no_export), "parity": None,
+    }  # fmt: skip
     assert v["loaded_at"] == predictor.loaded_at and started <= v["loaded_at"] <= time.time()
     assert str(bundle.parent) not in json.dumps(v)
     assert [s for s in string_values(v) if s.startswith("/")] == []
