@@ -223,7 +223,10 @@ class Predictor:
         bundle, origin, exports = read_source(source or PATHS.bundle)
         decode = _decode_options(bundle.info, max_pixels)
         point = OperatingPoint.from_info(bundle.info["operating_point"])
-        engine, chosen = choose_runtime(bundle, exports, decode.size, runtime)
+        try:
+            engine, chosen = choose_runtime(bundle, exports, decode.size, runtime)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{origin.source}: {exc}") from None
         predictor = cls(
             class_names=tuple(bundle.class_names),
             decode=decode,

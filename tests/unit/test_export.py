@@ -244,3 +244,31 @@ def test_tflite_batch_equals_its_rows_one_by_one(exported):
     alone = np.concatenate([engine(x[i : i + 1]) for i in range(37)])
     assert together.shape == (37, 3)
     np.testing.assert_allclose(together, alone, atol=1e-6)
+
+
+def test_predict_cli_answers_alike_on_each_runtime(exported, tmp_path, capsys):
+    from imgclf.serving import predict
+
+    image = str(f.write(tmp_path / "x.jpg", f.jpeg(3, (70, 50))))
+    docs = {}
+    for runtime in ("keras", "onnx", "tflite"):
+        argv = ["--image_source", image, "--model", str(exported), "--runtime", runtime]
+        assert predict.main(argv) == 0
+        docs[runtime] = json.loads(capsys.readouterr().out)
+    for runtime in ("onnx", "tflite"):
+        assert docs[runtime]["__decision__"] == docs["keras"]["__decision__"]
+        assert docs[runtime][image] == pytest.approx(docs["keras"][image], abs=1e-4)
+
+
+def test_predict_cli_names_a_missing_export_and_exits_2(tmp_path, capsys, caplog):
+    from imgclf.serving import predict
+
+    bundle = make_bundle(tmp_path)
+    image = str(f.write(tmp_path / "x.jpg", f.jpeg(3)))
+    argv = ["--image_source", image, "--model", str(bundle), "--runtime", "tflite"]
+    assert predict.main(argv) == 2
+    assert capsys.readouterr().out == ""
+    why = "no export (run the export stage: export/bundle.json: No such file or directory)"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"bundle.zip: runtime tflite is not available for this bundle: {why}"
+    ]
