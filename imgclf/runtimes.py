@@ -176,6 +176,10 @@ class OnnxRuntime:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or cpu_threads()
         options.log_severity_level = 3  # errors only: no per-session warnings on stderr
+        # idle intra-op threads would spin on the cores that decoding and the event loop need
+        # (measured: MobileNetV2 batch-1 7.8 ms without spinning, 15.3 ms with it, served on
+        # 2 cores; benchmarks/RESULTS.md, "Inference runtimes")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
 
