@@ -98,13 +98,17 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             cmd, cwd=cwd, stdout=self._log, stderr=self._log, env=server_env()
         )
-        ports = poll(self._ports, timeout=90)
-        if ports is None:
-            raise TimeoutError(f"server did not start:\n{self.log()}")
-        self.http_port, self.tcp_port = ports
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        if not poll(self._ready, timeout=30):
-            raise TimeoutError(f"server not ready:\n{self.log()}")
+        try:
+            ports = poll(self._ports, timeout=90)
+            if ports is None:
+                raise TimeoutError(f"server did not start:\n{self.log()}")
+            self.http_port, self.tcp_port = ports
+            self.url = f"http://127.0.0.1:{self.http_port}"
+            if not poll(self._ready, timeout=30):
+                raise TimeoutError(f"server not ready:\n{self.log()}")
+        except BaseException:
+            self.stop()  # no server outlives a start-up that failed
+            raise
 
     def _ports(self) -> tuple[int, int] | None:
         """The bound (HTTP, TCP) ports once the server wrote them."""
