@@ -176,9 +176,8 @@ class OnnxRuntime:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or cpu_threads()
         options.log_severity_level = 3  # errors only: no per-session warnings on stderr
-        # idle intra-op threads would spin on the cores that decoding and the event loop need
-        # (measured: MobileNetV2 batch-1 7.8 ms without spinning, 15.3 ms with it, served on
-        # 2 cores; benchmarks/RESULTS.md, "Inference runtimes")
+        # idle intra-op threads would otherwise spin on the cores that decoding and the
+        # event loop need (no loss measured with it off: benchmarks/bench_runtimes.py)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
@@ -262,7 +261,21 @@ def call_seconds(
     return statistics.median(times)
 
 
+PREFERENCE = ("tflite", "onnx", "keras")  # the order near-ties are settled in
+TIE_MARGIN = 0.10  # a runtime within 10% of the fastest call counts as a tie
+
+
+def pick(timings: dict[str, float]) -> str:
+    """The runtime with the lowest time; near-ties (within :data:`TIE_MARGIN` of it) are
+    settled by :data:`PREFERENCE`, so that the choice does not flip from one start to the
+    next."""
+    best = min(timings.values())
+    tied = [name for name, t in timings.items() if t <= best * (1 + TIE_MARGIN)]
+    return min(tied, key=PREFERENCE.index)
+
+
 def fastest(runtimes: list[Runtime], size: int) -> tuple[Runtime, dict[str, float]]:
-    """The runtime with the lowest median batch-1 call, and each one's median in ms."""
+    """The runtime :func:`pick` chooses on median batch-1 calls, and each one's median in ms."""
     timings = {r.name: call_seconds(r, size) * 1000 for r in runtimes}
-    return min(runtimes, key=lambda r: timings[r.name]), timings
+    name = pick(timings)
+    return next(r for r in runtimes if r.name == name), timings

@@ -357,6 +357,7 @@ def choose_runtime(
         best, timings = runtimes.fastest(candidates, size)
         ranked = sorted(timings.items(), key=lambda kv: kv[1])
         why = "fastest batch-1 call: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ranked)
+        why += " (within 10%: tflite, onnx, keras in that order)"
     account = {"name": best.name, "requested": "auto", "why": why, "timings_ms": timings,
                "unavailable": dict(exports.missing), "parity": parity.get(best.name)}  # fmt: skip
     return best, account

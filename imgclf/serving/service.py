@@ -146,7 +146,9 @@ class InferenceService:
 
     def _load(self) -> Predictor:
         predictor = Predictor.load(self.config.source, self.config.max_pixels, self.config.runtime)
-        predictor.warm((1, self.config.max_batch))
+        # every power of two up to max_batch: TFLite keeps one interpreter per such size
+        sizes = [1 << k for k in range(self.config.max_batch.bit_length())]
+        predictor.warm((*sizes, self.config.max_batch))
         return predictor
 
     async def start(self) -> None:

@@ -150,10 +150,12 @@ def test_auto_keeps_the_fastest_and_says_so(exported):
     account = predictor.version["runtime"]
     timings = account["timings_ms"]
     assert set(timings) == {"keras", "tflite", "onnx"}
-    assert account["name"] == min(timings, key=timings.__getitem__)
+    assert account["name"] == runtimes.pick(timings)
     assert account["requested"] == "auto"
     assert account["unavailable"] == {}
-    assert account["why"].startswith(f"fastest batch-1 call: {account['name']} ")
+    ranked = sorted(timings, key=timings.__getitem__)
+    assert account["why"].startswith(f"fastest batch-1 call: {ranked[0]} ")
+    assert account["why"].endswith(" (within 10%: tflite, onnx, keras in that order)")
 
 
 def test_an_export_of_another_bundle_is_not_used(exported, tmp_path):
@@ -272,3 +274,17 @@ def test_predict_cli_names_a_missing_export_and_exits_2(tmp_path, capsys, caplog
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
         f"bundle.zip: runtime tflite is not available for this bundle: {why}"
     ]
+
+
+@pytest.mark.parametrize(
+    ("timings", "chosen"),
+    [
+        ({"keras": 1.0, "tflite": 0.105, "onnx": 0.1}, "tflite"),  # a near-tie: preference
+        ({"keras": 1.0, "tflite": 0.2, "onnx": 0.1}, "onnx"),  # clearly faster wins
+        ({"keras": 0.5, "tflite": 0.56}, "keras"),
+        ({"keras": 0.5, "onnx": 0.54}, "onnx"),
+        ({"keras": 0.5}, "keras"),
+    ],
+)
+def test_auto_settles_near_ties_by_preference(timings, chosen):
+    assert runtimes.pick(timings) == chosen
