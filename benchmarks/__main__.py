@@ -9,6 +9,8 @@ Usage::
     python -m benchmarks --only model --out /tmp/R.md       # ~5.5 min, builds no corpus
     python -m benchmarks --only abuse --out /tmp/R.md       # ~3 min, builds no corpus
     python -m benchmarks --only audit --out /tmp/R.md       # ~3.5 min, builds no corpus
+    python -m benchmarks --only scoring --out /tmp/R.md     # ~3.5 min, builds no corpus
+    python -m benchmarks --only runtimes --out /tmp/R.md    # ~3.5 min, builds no corpus
 
 Progress goes to stderr; each benchmark that fails is recorded as "not run: <reason>".
 """
@@ -43,9 +45,11 @@ BENCHMARKS = (
     ("model", "Default model", "benchmarks.bench_model:bench"),
     ("abuse", "Serving under abuse", "benchmarks.bench_abuse:bench"),
     ("audit", "Data audit", "benchmarks.bench_audit:bench"),
+    ("scoring", "Batch scoring", "benchmarks.bench_scoring:bench"),
+    ("runtimes", "Inference runtimes", "benchmarks.bench_runtimes:bench"),
 )
 # Benchmarks that do not read the photo corpus: run alone, they do not build it.
-NO_CORPUS = frozenset({"threshold", "model", "abuse", "audit"})
+NO_CORPUS = frozenset({"threshold", "model", "abuse", "audit", "scoring", "runtimes"})
 # Run order: everything that forks worker processes before anything loads TensorFlow
 # into this process.
 RUN_ORDER = (
@@ -59,6 +63,8 @@ RUN_ORDER = (
     "input",
     "model",
     "audit",
+    "scoring",
+    "runtimes",
 )
 
 

@@ -240,11 +240,17 @@ def decode_stored_jpeg(data: Any) -> Any:
     return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
 
 
+def stored_jpeg(source: bytes | Path, options: DecodeOptions) -> bytes:
+    """The JPEG training stored for a raw file (decode, fit, JPEG at
+    ``options.jpeg_quality``): the first steps of :func:`serving_input`, without
+    TensorFlow (batch scoring runs them in worker processes)."""
+    return encode_jpeg(fit_square(load_rgb(source, options), options), options.jpeg_quality)
+
+
 def serving_input(source: bytes | Path, options: DecodeOptions) -> np.ndarray:
     """The ``(size, size, 3)`` uint8 pixels the model gets for a raw file: exactly what
-    training read for it (decode, fit, JPEG at ``options.jpeg_quality``, decode)."""
-    stored = encode_jpeg(fit_square(load_rgb(source, options), options), options.jpeg_quality)
-    return np.asarray(decode_stored_jpeg(stored))
+    training read for it (:func:`stored_jpeg`, then :func:`decode_stored_jpeg`)."""
+    return np.asarray(decode_stored_jpeg(stored_jpeg(source, options)))
 
 
 def encode_jpeg(img: Image.Image, quality: int) -> bytes:

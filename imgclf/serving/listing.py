@@ -41,7 +41,7 @@ class Listing:
     folders_left_out: int = 0  # sub-folders not scanned (the scan was not recursive)
 
 
-def _why_not_found(path: Path, exc: OSError) -> str:
+def why_not_found(path: Path, exc: OSError) -> str:
     """In words, why ``os.stat(path)`` failed."""
     if exc.errno == errno.ELOOP:
         return "symbolic link loop"
@@ -53,7 +53,7 @@ def _why_not_found(path: Path, exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower()
 
 
-def _not_regular(mode: int) -> str:
+def not_regular(mode: int) -> str:
     return f"not a regular file ({KINDS.get(stat.S_IFMT(mode), 'special file')})"
 
 
@@ -66,7 +66,7 @@ def scan(source: Path, recursive: bool = False) -> Listing:
     try:
         mode = source.stat().st_mode
     except OSError as exc:
-        raise SourceMissing(_why_not_found(source, exc)) from None
+        raise SourceMissing(why_not_found(source, exc)) from None
     listing = Listing()
     if stat.S_ISREG(mode):
         listing.files.append(source)
@@ -74,7 +74,7 @@ def scan(source: Path, recursive: bool = False) -> Listing:
         _scan_folder(source, recursive, listing)
         listing.files.sort()
     else:
-        listing.skipped[source] = _not_regular(mode)
+        listing.skipped[source] = not_regular(mode)
     return listing
 
 
@@ -92,12 +92,12 @@ def _scan_folder(folder: Path, recursive: bool, listing: Listing) -> None:
         try:
             mode = entry.stat().st_mode  # follows symbolic links
         except OSError as exc:
-            listing.skipped[path] = _why_not_found(path, exc)
+            listing.skipped[path] = why_not_found(path, exc)
             continue
         if stat.S_ISREG(mode):
             listing.files.append(path)
         elif not stat.S_ISDIR(mode):
-            listing.skipped[path] = _not_regular(mode)
+            listing.skipped[path] = not_regular(mode)
         elif not recursive:
             listing.folders_left_out += 1
         elif entry.is_symlink():  # followed, it could lead back up: a loop
