@@ -29,11 +29,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imgclf.config import PATHS, load_serve, setup_logging, stage_main
-from imgclf.runtimes import RUNTIMES
+from imgclf.config import load_serve, setup_logging, stage_main
 from imgclf.serving.listing import SourceMissing, scan
 from imgclf.serving.output import DECISION_KEY, ERRORS_KEY, origin_document
-from imgclf.serving.predictor import ModelLoadError, Predictor
+from imgclf.serving.predictor import ModelLoadError, Predictor, add_model_options
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--image_source", "--image-source", required=True, type=Path)
     ap.add_argument("--recursive", action="store_true", help="also scan sub-folders")
-    ap.add_argument(
-        "--model",
-        default=str(PATHS.bundle),
-        help="bundle file (models/bundle.zip) or MLflow URI such as models:/imgclf@champion",
-    )
-    ap.add_argument(
-        "--runtime",
-        choices=("auto", *RUNTIMES),
-        default=None,
-        help="keras | tflite | onnx (default: serve.yaml's runtime, auto: the fastest of keras "
-        "and the exports that passed parity for the bundle)",
-    )
+    add_model_options(ap)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--plain", action="store_true", help="only {path: {class: probability}}")
     ap.add_argument("--log-level", default="WARNING")

@@ -17,6 +17,7 @@ quality gate is refused.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import tempfile
 import time
@@ -68,6 +69,22 @@ class BundleOrigin:
     mlflow_run_id: str | None = None
     run_name: str | None = None
     git_commit: str | None = None
+
+
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--runtime``, as every command that loads a bundle takes them."""
+    ap.add_argument(
+        "--model",
+        default=str(PATHS.bundle),
+        help="bundle file (models/bundle.zip) or MLflow URI such as models:/imgclf@champion",
+    )
+    ap.add_argument(
+        "--runtime",
+        choices=("auto", *runtimes.RUNTIMES),
+        default=None,
+        help="keras | tflite | onnx (default: serve.yaml's runtime; auto: the fastest of keras "
+        "and the exports that passed parity for the bundle)",
+    )
 
 
 def is_uri(source: str | Path) -> bool:

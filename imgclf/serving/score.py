@@ -53,10 +53,10 @@ from pebble import ProcessPool
 from tqdm import tqdm
 
 from imgclf import imaging
-from imgclf.config import PATHS, StageError, load_serve, setup_logging, stage_main
-from imgclf.runtimes import RUNTIMES, cpu_threads
+from imgclf.config import StageError, load_serve, setup_logging, stage_main
+from imgclf.runtimes import cpu_threads
 from imgclf.serving.listing import why_not_found
-from imgclf.serving.predictor import ModelLoadError, Predictor
+from imgclf.serving.predictor import ModelLoadError, Predictor, add_model_options
 from imgclf.serving.score_input import Decoded, Entry, PoolBroken, decode_all, decode_pool, walk
 from imgclf.serving.score_output import (
     FORMATS,
@@ -223,17 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--source", required=True, type=Path, help="folder tree to score")
     ap.add_argument("--output", required=True, type=Path, help="scores.csv or scores.jsonl")
     ap.add_argument("--format", choices=FORMATS, help="default: from the output's suffix")
-    ap.add_argument(
-        "--model",
-        default=str(PATHS.bundle),
-        help="bundle file (models/bundle.zip) or MLflow URI such as models:/imgclf@champion",
-    )
-    ap.add_argument(
-        "--runtime",
-        choices=("auto", *RUNTIMES),
-        default=None,
-        help="keras | tflite | onnx | auto (default: serve.yaml's runtime)",
-    )
+    add_model_options(ap)
     ap.add_argument("--workers", type=int, default=0, help="decode processes (0: one per core)")
     ap.add_argument("--batch-size", type=int, default=64, help="images per model call")
     ap.add_argument("--decode-timeout", type=float, default=30.0, help="seconds per file")
