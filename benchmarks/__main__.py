@@ -11,6 +11,7 @@ Usage::
     python -m benchmarks --only audit --out /tmp/R.md       # ~3.5 min, builds no corpus
     python -m benchmarks --only scoring --out /tmp/R.md     # ~3.5 min, builds no corpus
     python -m benchmarks --only runtimes --out /tmp/R.md    # ~3.5 min, builds no corpus
+    python -m benchmarks --only remote --out /tmp/R.md      # ~3 min, needs Debian's sshd
 
 Progress goes to stderr; each benchmark that fails is recorded as "not run: <reason>".
 """
@@ -47,9 +48,10 @@ BENCHMARKS = (
     ("audit", "Data audit", "benchmarks.bench_audit:bench"),
     ("scoring", "Batch scoring", "benchmarks.bench_scoring:bench"),
     ("runtimes", "Inference runtimes", "benchmarks.bench_runtimes:bench"),
+    ("remote", "Shared DVC remote (SSH)", "benchmarks.bench_remote:bench"),
 )
 # Benchmarks that do not read the photo corpus: run alone, they do not build it.
-NO_CORPUS = frozenset({"threshold", "model", "abuse", "audit", "scoring", "runtimes"})
+NO_CORPUS = frozenset({"threshold", "model", "abuse", "audit", "scoring", "runtimes", "remote"})
 # Run order: everything that forks worker processes before anything loads TensorFlow
 # into this process.
 RUN_ORDER = (
@@ -65,6 +67,7 @@ RUN_ORDER = (
     "audit",
     "scoring",
     "runtimes",
+    "remote",
 )
 
 
