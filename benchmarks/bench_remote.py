@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 from benchmarks.common import Figure, Result, Settings, fmt, temp_dir
+from imgclf.runtimes import folder_bytes
 from imgclf.testing import images as f
 from imgclf.testing.project import commit, dvc, init_repo, run
 from imgclf.testing.sshd import SshServer
@@ -41,10 +42,6 @@ def write_tree(raw: Path, files: int, generation: int = 0, only: str | None = No
                 f.write(raw / folder / f"img{i:05d}.png", data)
                 written += len(data)
     return written
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def folder_files(folder: Path) -> int:

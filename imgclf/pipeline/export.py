@@ -243,7 +243,8 @@ def describe(name: str, facts: dict[str, Any]) -> str:
 
 def check_bounds(parity: dict[str, Parity], cfg: Export) -> None:
     """A :class:`StageError` naming every float export outside its bounds."""
-    misses = [f"{name}: {'; '.join(p.misses(cfg))}" for name, p in parity.items() if p.misses(cfg)]
+    found = {name: p.misses(cfg) for name, p in parity.items()}
+    misses = [f"{name}: {'; '.join(why)}" for name, why in found.items() if why]
     if misses:
         images = next(iter(parity.values())).images
         raise StageError(
