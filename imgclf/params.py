@@ -109,12 +109,24 @@ class Train(Section):
     fine_tune_epochs: Annotated[int, Field(ge=0)]
     fine_tune_layers: Positive
     fine_tune_learning_rate: Annotated[float, Field(gt=0.0)]
+    distribute: Literal["none", "mirrored", "multi_worker"]
+    workers: Positive
+    mixed_precision: Literal["none", "mixed_float16", "mixed_bfloat16"]
 
     @model_validator(mode="after")
     def _weights_fit_backbone(self) -> Train:
         if self.backbone in ("cnn", "small_cnn") and self.weights.lower() == "imagenet":
             raise ValueError(
                 f"weights: {self.backbone} has no ImageNet weights (use none or a file)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _workers_need_multi_worker(self) -> Train:
+        if self.workers > 1 and self.distribute != "multi_worker":
+            raise ValueError(
+                f"workers: {self.workers} local workers need distribute: multi_worker "
+                f"(distribute is {self.distribute})"
             )
         return self
 

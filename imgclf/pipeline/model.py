@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -363,7 +364,7 @@ def compile_model(
 
 def current_learning_rate(model: keras.Model) -> float:
     """The learning rate of the optimizer's last step (the first step's before any)."""
-    optimizer = model.optimizer
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # loss scaling
     lr = optimizer._learning_rate  # the schedule itself, or a variable holding a float
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
         step = max(int(optimizer.iterations.numpy()) - 1, 0)
@@ -412,6 +413,38 @@ class EarlyStop(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         if self.best_weights is not None:
             self.model.set_weights(self.best_weights)
+
+
+@contextmanager
+def precision(policy: str) -> Iterator[None]:
+    """Build layers under Keras' dtype ``policy`` (``train.mixed_precision``: ``none`` is
+    float32; ``mixed_float16`` / ``mixed_bfloat16`` compute in half precision and keep
+    float32 variables; the ``probs`` layer stays float32). The global policy is restored."""
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32" if policy == "none" else policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
+def walk_layers(layer: keras.Layer) -> Iterator[keras.Layer]:
+    """``layer`` and every layer inside it (nested models included)."""
+    yield layer
+    for inner in getattr(layer, "layers", ()):
+        yield from walk_layers(inner)
+
+
+def synchronize_batch_norm(model: keras.Model, on: bool) -> int:
+    """Switch every BatchNormalization of ``model`` to statistics over the *global* batch
+    (all replicas; TensorFlow backend) or back; returns how many were switched. With
+    several replicas, batch statistics then equal a single replica's over the same global
+    batch, and a replica with an empty last batch cannot produce NaN moving statistics.
+    Inference is the same either way; switch back before saving (the config records it)."""
+    norms = [x for x in walk_layers(model) if isinstance(x, layers.BatchNormalization)]
+    for norm in norms:
+        norm.synchronized = bool(on)
+    return len(norms)
 
 
 def build_from_params(image_size: int, num_classes: int, cfg: Train, seed: int) -> keras.Model:

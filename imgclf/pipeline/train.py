@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import sys
 import time
 import zipfile
@@ -50,9 +51,19 @@ from imgclf.config import (
 )
 from imgclf.files import write_bytes, write_json
 from imgclf.imaging import DecodeOptions
-from imgclf.params import Train
-from imgclf.pipeline.dataset import SplitList, data_hash, encode_labels, make_dataset, read_list
+from imgclf.params import Params, Train
+from imgclf.pipeline.dataset import SplitList, data_hash, encode_labels, read_list
+from imgclf.pipeline.distribute import (
+    TF_CONFIG,
+    Role,
+    cluster_role,
+    local_cluster,
+    lost_worker_error,
+    make_strategy,
+    watch_parent,
+)
 from imgclf.pipeline.suspects import excluded_paths
+from imgclf.pipeline.training_loop import Batches, batches, class_weight_table, fit_epochs
 
 log = logging.getLogger(__name__)
 
@@ -118,45 +129,38 @@ class Phase:
     epochs: int  # its budget
 
 
-def steps_per_epoch(ds: Any) -> int:
-    """Batches in one pass of ``ds`` (counted when ``tf.data`` does not know)."""
-    steps = int(ds.cardinality())
-    if steps == -2:  # unknown to tf.data (e.g. after a filter): count one pass
-        steps = sum(1 for _ in ds)
-    if steps <= 0:
-        raise ValueError("the training dataset is empty or infinite")
-    return steps
-
-
 def fit_phase(
     model: Any,
-    train_ds: Any,
-    val_ds: Any,
+    train: Batches,
+    val: Batches,
     cfg: Train,
     phase: Phase,
     weights: dict[int, float] | None,
     callbacks: Sequence[Any] = (),
 ) -> list[dict[str, Any]]:
     """Compile (AdamW with ``train.weight_decay``, the ``train.lr_schedule`` over the phase's
-    steps) and fit with early stopping; one history row per epoch run."""
+    steps) under the strategy's scope and train with early stopping
+    (:func:`imgclf.pipeline.training_loop.fit_epochs`); one history row per epoch run."""
     from imgclf.pipeline.model import EarlyStop, compile_model, learning_rate_schedule
 
-    steps = steps_per_epoch(train_ds)
     schedule = learning_rate_schedule(
-        cfg.lr_schedule, phase.learning_rate, phase.epochs * steps, cfg.warmup_epochs * steps
+        cfg.lr_schedule,
+        phase.learning_rate,
+        phase.epochs * train.steps,
+        cfg.warmup_epochs * train.steps,
     )
-    compile_model(model, schedule, cfg.weight_decay)
+    with train.strategy.scope():
+        compile_model(model, schedule, cfg.weight_decay)
     stop = EarlyStop(cfg.patience, cfg.min_delta)
-    history = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=phase.first_epoch + phase.epochs,
-        initial_epoch=phase.first_epoch,
-        class_weight=weights,
-        callbacks=[stop, *callbacks],  # EarlyStop first: it adds learning_rate to the logs
-        shuffle=False,  # the dataset shuffles itself (seeded)
-        verbose=2,
-    ).history
+    history = fit_epochs(
+        model,
+        train,
+        val,
+        class_weight_table(weights, int(model.output_shape[-1])),
+        phase.first_epoch,
+        phase.first_epoch + phase.epochs,
+        [stop, *callbacks],  # EarlyStop first: it adds learning_rate to the logs
+    )
     if stop.stopped_epoch is not None:
         log.info(
             "early stop after epoch %d: no val_loss gain over %g in %d epochs; weights of "
@@ -183,8 +187,8 @@ def history_rows(history: dict[str, list[float]], phase: Phase) -> list[dict[str
 
 def fit(
     model: Any,
-    train_ds: Any,
-    val_ds: Any,
+    train_ds: Batches,
+    val_ds: Batches,
     cfg: Train,
     weights: dict[int, float] | None,
     callbacks: Sequence[Any] = (),
@@ -207,8 +211,8 @@ def fit(
 
 def fine_tune(
     model: Any,
-    train_ds: Any,
-    val_ds: Any,
+    train_ds: Batches,
+    val_ds: Batches,
     cfg: Train,
     weights: dict[int, float] | None,
     callbacks: Sequence[Any],
@@ -329,25 +333,41 @@ def candidate_metadata(
 
 
 def train_candidate(
-    data: TrainingData, size: int, cfg: Train, seed: int, run: Any, history_dir: Path
+    data: TrainingData,
+    size: int,
+    cfg: Train,
+    seed: int,
+    strategy: Any,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[Any, list[dict[str, Any]], float]:
-    """Build the model of ``cfg`` for ``size`` px and fit it on ``data`` (seeded), each
-    epoch logged to the MLflow ``run`` and by DVCLive into ``history_dir``. Returns the
-    model, the history rows and the seconds the fit took."""
-    from imgclf.pipeline.model import build_from_params
+    """Build the model of ``cfg`` for ``size`` px under ``strategy`` (``train.distribute``)
+    and ``train.mixed_precision``, and fit it on ``data`` (seeded), with ``callbacks``.
+    Returns the model as it is saved (float32 layers, BatchNorm unsynchronised: the same
+    file whatever the strategy or precision), the history rows and the seconds the fit
+    took."""
+    from imgclf.pipeline.model import build_from_params, precision, synchronize_batch_norm
 
-    with dvclive_history(history_dir) as history:
-        seed_everything(seed)
-        train_ds = make_dataset(
-            data.train.files(PATHS.root), data.y_train, size, cfg.batch_size, True, seed
-        )
-        val_ds = make_dataset(data.val.files(PATHS.root), data.y_val, size, cfg.batch_size)
+    seed_everything(seed)
+    root = PATHS.root
+    train = batches(
+        strategy, data.train.files(root), data.y_train, size, cfg.batch_size, True, seed
+    )
+    val = batches(strategy, data.val.files(root), data.y_val, size, cfg.batch_size)
+    with precision(cfg.mixed_precision), strategy.scope():
         model = build_from_params(size, len(data.class_names), cfg, seed)
-        log.info("model %s: %d parameters", model.name, model.count_params())
-        weights = class_weights(data.y_train, len(data.class_names), cfg.class_weight)
-        start = time.perf_counter()
-        rows = fit(model, train_ds, val_ds, cfg, weights, [mlflow_epochs(run), history])
-    return model, rows, time.perf_counter() - start
+    synchronize_batch_norm(model, strategy.num_replicas_in_sync > 1)
+    log.info("model %s: %d parameters", model.name, model.count_params())
+    weights = class_weights(data.y_train, len(data.class_names), cfg.class_weight)
+    start = time.perf_counter()
+    rows = fit(model, train, val, cfg, weights, callbacks)
+    seconds = time.perf_counter() - start
+    synchronize_batch_norm(model, False)
+    if cfg.mixed_precision != "none":  # the saved model computes in float32
+        with precision("none"):
+            saved = build_from_params(size, len(data.class_names), cfg, seed)
+        saved.set_weights(model.get_weights())
+        model = saved
+    return model, rows, seconds
 
 
 def write_candidate(model: Any, metadata: dict[str, Any]) -> list[Path]:
@@ -384,34 +404,68 @@ def log_training(
         run.log_artifact(path, None if path.is_dir() else "train")
 
 
-@stage_main
-def main() -> None:
-    params = load_params()
-    setup_logging(params.base.log_level)
-    cfg, decode = params.train, DecodeOptions.from_params(params.preprocess)
-    lists = [PATHS.split_list(side) for side in SIDES]
-    exclude = excluded_paths(PATHS.audit / "label_issues.csv", params.audit.exclude)
-    data = load_training_data(lists[0], lists[1], exclude)
-    logged = params.model_dump(include=set(LOGGED_SECTIONS))
-    dhash, pdigest = data_hash(lists, decode, exclude), digest(logged)
-    import_tensorflow()
+def lost_worker(exc: BaseException, who: str) -> StageError:
+    """The one-line error of a multi_worker training whose cluster lost a worker."""
+    lines = [line.strip() for line in str(getattr(exc, "message", exc)).splitlines()]
+    said = next((x for x in lines if "aborted by" in x), next((x for x in lines if x), ""))
+    return StageError(f"multi_worker training stopped: {who} ({said}); nothing written")
+
+
+def train_and_write(
+    params: Params, data: TrainingData, exclude: frozenset[str], strategy: Any
+) -> None:
+    """The chief: one MLflow run, DVCLive's history, the candidate and its metrics."""
     from imgclf import tracking
 
+    cfg, decode = params.train, DecodeOptions.from_params(params.preprocess)
+    lists = [PATHS.split_list(side) for side in SIDES]
+    logged = params.model_dump(include=set(LOGGED_SECTIONS))
+    dhash, pdigest = data_hash(lists, decode, exclude), digest(logged)
     history = PATHS.metrics / "train"  # a folder named train: MLflow artifacts train/...
     run, name, commit = tracking.start_run(
         params.mlflow.experiment, dhash, {"params_digest": pdigest}
     )
     with tracking.taken(run):
         run.log_params(tracking.flatten(logged))
-        model, rows, seconds = train_candidate(
-            data, decode.size, cfg, params.train_seed, run, history
-        )
+        with dvclive_history(history) as live:
+            model, rows, seconds = train_candidate(
+                data, decode.size, cfg, params.train_seed, strategy, [mlflow_epochs(run), live]
+            )
         metadata = candidate_metadata(data, decode, cfg.backbone, pdigest, dhash)
         files = write_candidate(model, metadata)
         write_json(PATHS.metrics / "train.json", train_summary(rows))
         tracking.write_run_link(run, name, dhash, commit)
         log_training(run, rows, seconds, len(data.y_train), [*files, history])
     tracking.check_required(run, params.mlflow.required)
+
+
+@stage_main
+def main() -> None:
+    params = load_params()
+    setup_logging(params.base.log_level)
+    cfg = params.train
+    exclude = excluded_paths(PATHS.audit / "label_issues.csv", params.audit.exclude)
+    data = load_training_data(PATHS.split_list("train"), PATHS.split_list("val"), exclude)
+    launch = cfg.distribute == "multi_worker" and not os.environ.get(TF_CONFIG)
+    command = [sys.executable, "-m", "imgclf.pipeline.train"]
+    with local_cluster(
+        cfg.workers if launch else 1, command, PATHS.cache / "train-workers"
+    ) as cluster:
+        multi = cfg.distribute == "multi_worker"
+        role = cluster_role(os.environ.get(TF_CONFIG)) if multi else Role(0, 1, True)
+        watch_parent()
+        import_tensorflow()
+        strategy = make_strategy(cfg.distribute, role)
+        try:
+            if role.chief:
+                train_and_write(params, data, exclude, strategy)
+            else:  # the chief alone writes
+                train_candidate(data, params.preprocess.size, cfg, params.train_seed, strategy)
+        except Exception as exc:
+            if not (multi and lost_worker_error(exc)):
+                raise
+            who = cluster.failed.describe() if cluster and cluster.failed else "a worker is gone"
+            raise lost_worker(exc, who) from None
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from imgclf.config import PATHS, StageError, load_params
 from imgclf.pipeline import model as mdl
 from imgclf.pipeline import train as trn
 from imgclf.pipeline.dataset import SplitList, data_hash, encode_labels, make_dataset, read_list
+from imgclf.pipeline.training_loop import batches, class_weight_table, fit_epochs
 from imgclf.testing.images import preprocess_options
 
 SIZE = 16
@@ -73,8 +74,9 @@ def train_once(
 ) -> tuple[keras.Model, list[dict]]:
     paths, y = images
     trn.seed_everything(7)
-    ds = make_dataset(paths, y, SIZE, 8, shuffle=True, seed=7)
-    val = make_dataset(paths, y, SIZE, 16)
+    strategy = tf.distribute.get_strategy()
+    ds = batches(strategy, paths, y, SIZE, 8, shuffle=True, seed=7)
+    val = batches(strategy, paths, y, SIZE, 16)
     model = model or tiny_model()
     cfg = CFG.model_copy(update={"epochs": epochs, **changes})
     rows = trn.fit(model, ds, val, cfg, trn.class_weights(y, 2, "auto"), callbacks)
@@ -122,6 +124,40 @@ def test_same_seed_same_history(images):
     m2, second = train_once(images, epochs=1)
     assert first == second
     for a, b in zip(m1.get_weights(), m2.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_training_loop_gives_fits_weights_bit_for_bit(images):
+    """The one training step (``strategy.run`` in a ``tf.function``) against Keras' own
+    ``fit`` on the same data, seed, class weights, schedule, augmentation and dropout:
+    the same shuffle order and losses, the same weights to the bit (48 images, batch 8)."""
+    paths, y = images
+    weights = trn.class_weights(y[:40], 2, "auto")  # unequal: 24 of a, 16 of b
+
+    def build() -> keras.Model:
+        trn.seed_everything(7)
+        model = mdl.build_model(
+            SIZE, 2, cnn_filters=(8, 16), cnn_depth=1, dropout=0.3,
+            augment={"rotation": 0.05, "zoom": 0.1}, seed=1,
+        )  # fmt: skip
+        mdl.compile_model(model, mdl.learning_rate_schedule("cosine", 3e-3, 18, 6), 0.02)
+        return model
+
+    reference = build()
+    fitted = reference.fit(
+        make_dataset(paths, y, SIZE, 8, True, 7),
+        validation_data=make_dataset(paths, y, SIZE, 16),
+        epochs=3, class_weight=weights, shuffle=False, verbose=0,
+    ).history  # fmt: skip
+    ours = build()
+    strategy = tf.distribute.get_strategy()
+    history = fit_epochs(
+        ours, batches(strategy, paths, y, SIZE, 8, True, 7), batches(strategy, paths, y, SIZE, 16),
+        class_weight_table(weights, 2), 0, 3,
+    )  # fmt: skip
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert history[key] == pytest.approx(fitted[key], rel=1e-6), key
+    for a, b in zip(reference.get_weights(), ours.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -231,7 +267,7 @@ def test_early_stopping_ends_a_real_run_and_keeps_the_best_epoch(images):
     model, rows = train_once(images, epochs=40, patience=3, min_delta=0.01)
     assert len(rows) < 40
     best = trn.best_row(rows)
-    val = trn.make_dataset(paths, y, SIZE, 16)
+    val = make_dataset(paths, y, SIZE, 16)
     got = model.evaluate(val, verbose=0, return_dict=True)
     assert got["loss"] == pytest.approx(best["val_loss"], rel=1e-4, abs=1e-6)
 
