@@ -250,9 +250,10 @@ def local_cluster(
             )
         workers.append(Worker(index, process, log_file))
     os.environ[TF_CONFIG] = tf_config(addresses, 0)
+    started = [f"worker {w.index} (pid {w.process.pid}) on {addresses[w.index]}" for w in workers]
     log.info(
-        "multi_worker: started %d local worker(s) on %s (logs in %s)",
-        count - 1, ", ".join(addresses[1:]), log_dir,
+        "multi_worker: this process is worker 0 of %d on %s; started %s (logs in %s)",
+        count, addresses[0], ", ".join(started), log_dir,
     )  # fmt: skip
     cluster = LocalCluster(workers)
     try:
