@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"nothing to replay in {args.dir}")
         return
     uri = tracking_uri()
+    # MLflow prints "View run ... at: <url>" on stdout when a run on a server ends: the lines
+    # below say which run, and stdout stays one line a record
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     _check_reachable(uri)
     for path in files:
         run_id, registered = replay(path, uri)
