@@ -46,6 +46,7 @@ from imgclf.config import PATHS, StageError, setup_logging, stage_main
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+DEBIAN_PG = Path("/usr/lib/postgresql")  # Debian's <version>/bin folders
 PG_USER = "imgclf-postgres"  # runs PostgreSQL when this process is root
 DATABASE = "mlflow"  # the database MLflow writes, and the role it connects as
 PG_START_SECONDS = 60.0
@@ -76,7 +77,7 @@ def postgres_bindir() -> Path:
             ).stdout.strip()
             if out:
                 candidates.append(Path(out))
-    versions = Path("/usr/lib/postgresql").glob("*/bin")
+    versions = DEBIAN_PG.glob("*/bin")
     candidates += sorted(versions, key=lambda p: _version(p.parent.name), reverse=True)
     if shutil.which("initdb"):
         candidates.append(Path(str(shutil.which("initdb"))).resolve().parent)
@@ -218,6 +219,9 @@ class Postgres:
                 why = last_line(proc.stderr) or last_line(proc.stdout)
                 raise ServerError(f"initdb {self.data} failed: {why}")
             log.info("initialised a PostgreSQL cluster in %s", self.data)
+        elif self.running():  # left behind by a start that was killed: its port is unknown
+            log.warning("PostgreSQL on %s was left running: restarting it", self.data)
+            self.stop()
         if self.port is None:
             self.port = free_port()
         elif not port_free(self.port):
