@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 install: ## create .venv with the exact pins of requirements.lock
 	python3.11 -m venv .venv
@@ -39,8 +39,12 @@ lint: ## fix lint and format
 serve: ## serve the promoted bundle over HTTP, TCP 1235 and a web page
 	$(PY) serve/server.py
 
+tracking-server: ## MLflow on PostgreSQL on loopback (a team trial; data in .cache/tracking-server)
+	$(PY) -m imgclf.tracking.server --dir .cache/tracking-server --port 5000
+
 bench: ## run the benchmarks (about 8 min), write benchmarks/RESULTS.md
 	$(PY) -m pip install -q --no-deps -r requirements-bench.lock
 	$(PY) -m benchmarks
 
-.PHONY: help install sample run repro test test-fast test-integration test-e2e lint serve bench
+.PHONY: help install sample run repro test test-fast test-integration test-e2e lint serve \
+	tracking-server bench

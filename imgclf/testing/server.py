@@ -82,9 +82,17 @@ def run_server_cli(*args: str) -> subprocess.CompletedProcess:
 
 class ServerProcess:
     """``python serve/server.py --model <bundle> ...`` on free loopback ports, stopped with
-    SIGTERM; ready (``/readyz`` answers 200) once constructed."""
+    SIGTERM; ready (``/readyz`` answers 200) once constructed. ``bundle`` may be an MLflow
+    URI (``models:/imgclf@champion``; ``env`` then holds ``MLFLOW_TRACKING_URI``)."""
 
-    def __init__(self, tmp: Path, bundle: Path, *extra: str, cwd: Path = SOURCE):
+    def __init__(
+        self,
+        tmp: Path,
+        bundle: Path | str,
+        *extra: str,
+        cwd: Path = SOURCE,
+        env: dict[str, str] | None = None,
+    ):
         self.tmp = tmp
         self.bundle = bundle
         self.ports_file = tmp / "ports.json"
@@ -96,7 +104,7 @@ class ServerProcess:
         ]
         self._log = self.log_file.open("wb")
         self.proc = subprocess.Popen(
-            cmd, cwd=cwd, stdout=self._log, stderr=self._log, env=server_env()
+            cmd, cwd=cwd, stdout=self._log, stderr=self._log, env={**server_env(), **(env or {})}
         )
         try:
             ports = poll(self._ports, timeout=90)

@@ -31,11 +31,15 @@ When the tracking store is unreachable
     the registration request) in ``<pending dir>/<run key>.json`` (:func:`pending_dir`,
     ``.cache/mlflow-pending/`` in the workspace by default), and the run link gets
     ``"run_id": null``. ``python -m stages.tracking replay`` (or ``imgclf-tracking
-    replay``) logs pending records into the store once it is back. Set
+    replay``) logs pending records into the store once it is back: into the run ``train``
+    created when it had reached the store, with promote's model registration when
+    ``models/bundle.zip`` is still the bundle promoted. Set
     ``mlflow.required: true`` to make the stage fail instead (after its outputs are saved).
 
 Modules: :mod:`.store` (where runs go, lock and retries), :mod:`.identity` (names and
-tags), :mod:`.runs` (the run across stages), :mod:`.replay` (offline records, the CLI).
+tags), :mod:`.runs` (the run across stages), :mod:`.replay` (offline records, the CLI);
+:mod:`.server` (``mlflow server`` on PostgreSQL for a team trial, and for the e2e test;
+not imported here).
 """
 
 from imgclf.tracking.identity import flatten, git_commit, owner, owner_alive, run_name, run_tags

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from imgclf.config import StageError, setup_logging, stage_main
+from imgclf.files import file_md5
 from imgclf.tracking.runs import (
     Run,
 )
@@ -43,6 +45,7 @@ class PendingRecord:
     metrics: list[tuple[int, dict[str, float]]]  # (step, {key: value}) in logging order
     artifacts: list[tuple[str, str | None]]
     status: str
+    register: dict[str, str] | None  # promote's request: name, bundle, bundle_md5, metric, ...
 
     @classmethod
     def read(cls, path: Path) -> PendingRecord:
@@ -63,19 +66,33 @@ class PendingRecord:
                 metrics=metrics,
                 artifacts=[(str(p), a) for p, a in data.get("artifacts", [])],
                 status=str(data.get("status", "FINISHED")),
+                register=_registration(data.get("register")),
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             why = f"{type(exc).__name__}: {exc}"
             raise ReplayError(f"{path} is not a readable pending record ({why})") from exc
 
 
-def replay(pending_file: Path, uri: str) -> str:
-    """Log one pending record into the store at ``uri``, rename it to ``.replayed`` and
-    return the run id; :class:`ReplayError` when the record is unreadable or the store
-    still fails (the record is then kept).
+REGISTER_KEYS = ("name", "bundle", "bundle_md5", "metric", "value", "alias")
 
-    Params, metrics (with steps), tags and artifacts that still exist are logged; a model
-    registration is not replayed (register it from the run once checked).
+
+def _registration(value: object) -> dict[str, str] | None:
+    """The registration request of a record (None: none, or an older record's bare name)."""
+    if not isinstance(value, dict):
+        return None
+    return {k: str(value[k]) for k in REGISTER_KEYS}
+
+
+def replay(pending_file: Path, uri: str) -> tuple[str, dict[str, Any] | None]:
+    """Log one pending record into the store at ``uri``, rename it to ``.replayed`` and
+    return the run id and the registration (None: nothing registered); :class:`ReplayError`
+    when the record is unreadable or the store still fails (the record is then kept).
+
+    Params, metrics (with steps), tags and artifacts that still exist are logged, into the
+    run the record names when it has one (a stage that resumed ``train``'s run), else into
+    a new run. A model registration promote could not make is made now, with the same
+    champion rule, when ``models/bundle.zip`` is still the bundle it promoted (same md5);
+    otherwise it is skipped with a warning.
     """
     record = PendingRecord.read(pending_file)
     run = Run.start(
@@ -90,11 +107,32 @@ def replay(pending_file: Path, uri: str) -> str:
     for path, artifact_path in record.artifacts:
         if Path(path).exists():
             run.log_artifact(Path(path), artifact_path)
+    registered = _register(run, record.register) if record.register else None
     run.end(record.status)
     if not run.ok:
         raise ReplayError(f"replaying {pending_file} failed: {_first_line(run.error)}")
     pending_file.rename(pending_file.with_suffix(".replayed"))
-    return str(run.run_id)
+    return str(run.run_id), registered
+
+
+def _register(run: Run, request: dict[str, str]) -> dict[str, Any] | None:
+    """Make the registration promote could not make, if the bundle is still the same."""
+    bundle = Path(request["bundle"])
+    if not bundle.is_file() or file_md5(bundle) != request["bundle_md5"]:
+        log.warning(
+            "%s is no longer the bundle this run promoted (md5 %s): not registered",
+            bundle, request["bundle_md5"],
+        )  # fmt: skip
+        return None
+    name, metric = request["name"], request["metric"]
+    registered = run.register_bundle(
+        bundle, name, metric, float(request["value"]), request["alias"]
+    )
+    if registered:
+        tags = {k: str(v) for k, v in registered.items() if v is not None}
+        run.set_tags({"registered_model": name, **tags})
+        return {"name": name, **registered}
+    return None
 
 
 def _check_reachable(uri: str) -> None:
@@ -133,9 +171,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"nothing to replay in {args.dir}")
         return
     uri = tracking_uri()
+    # MLflow prints "View run ... at: <url>" on stdout when a run on a server ends: the lines
+    # below say which run, and stdout stays one line a record
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     _check_reachable(uri)
     for path in files:
-        print(f"{path.name}: logged as run {replay(path, uri)} in {uri}")
+        run_id, registered = replay(path, uri)
+        line = f"{path.name}: logged as run {run_id} in {uri}"
+        if registered:
+            alias = f", @{registered['alias']}" if registered["alias"] else ""
+            line += f" (registered {registered['name']} version {registered['version']}{alias})"
+        print(line)
 
 
 if __name__ == "__main__":

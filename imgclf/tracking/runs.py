@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgclf.config import PATHS, StageError
-from imgclf.files import write_json
+from imgclf.files import file_md5, write_json
 from imgclf.tracking.identity import (
     OWNER_TAG,
     owner,
@@ -194,6 +194,7 @@ class Run:
             run.run_id = locked_call(uri, create_or_reopen)
             log.info("MLflow run %s in %s (%s)", run.run_id, experiment, uri)
         except Exception as exc:
+            run.run_id = run_id  # a resumed run keeps its id: replay logs into that very run
             run._fail(exc, "start the run")
             run._record("tags", tags or {})
         return run
@@ -307,7 +308,10 @@ class Run:
             }
 
         result = self._attempt("register the bundle", register)
-        self._record("register", name)
+        if not self.ok:  # replay registers it, if the bundle is still this one
+            request = {"name": name, "bundle": str(Path(bundle).resolve()), "metric": metric}
+            request |= {"value": value, "alias": alias, "bundle_md5": file_md5(bundle)}
+            self._record("register", request)
         return result
 
     # -- failure handling --------------------------------------------------------------

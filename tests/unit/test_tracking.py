@@ -189,6 +189,73 @@ def test_unreachable_store_records_pending_and_replays(
     assert [f.name for f in pending.iterdir()] == ["2026-01-01T00_00_00_00_00-abc.replayed"]
 
 
+def test_a_resumed_run_replays_into_itself_and_registers_the_unchanged_bundle(
+    tmp_path, monkeypatch, capsys, fail_fast_http
+):
+    """train reached the store, then it went down: report/promote record offline under the
+    run's id, and replay logs into that run and makes promote's registration."""
+    from mlflow import MlflowClient
+
+    from imgclf.files import file_md5
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    pending = tmp_path / "pending"
+    trained = tracking.Run.start(uri, "exp", "repro-1", pending, run_name="repro-1")
+    trained.log_metrics({"loss": 0.5})
+    trained.end()
+    bundle = tmp_path / "bundle.zip"
+    bundle.write_bytes(b"the promoted bundle")
+    r = tracking.Run.start(UNREACHABLE, "exp", "repro-1", pending, run_id=trained.run_id)
+    r.log_metrics({"test_accuracy": 0.75})
+    assert r.register_bundle(bundle, "model", "accuracy", 0.75, "champion") is None
+    r.end()
+    assert not r.ok and r.run_id == trained.run_id
+    (record,) = pending.glob("*.json")
+    data = json.loads(record.read_text())
+    assert data["run_id"] == trained.run_id
+    assert data["register"] == {
+        "name": "model", "bundle": str(bundle), "metric": "accuracy", "value": 0.75,
+        "alias": "champion", "bundle_md5": file_md5(bundle),
+    }  # fmt: skip
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert tracking.main(["replay", "--dir", str(pending)]) == 0
+    assert capsys.readouterr().out == (
+        f"{record.name}: logged as run {trained.run_id} in {uri} "
+        "(registered model version 1, @champion)\n"
+    )
+    client = MlflowClient(uri)
+    got = client.get_run(trained.run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.metrics == {"loss": 0.5, "test_accuracy": 0.75}
+    assert got.data.tags["registered_model"] == "model" and got.data.tags["version"] == "1"
+    (version,) = client.search_model_versions("name='model'")
+    assert (str(version.version), version.run_id) == ("1", trained.run_id)
+    assert str(client.get_model_version_by_alias("model", "champion").version) == "1"
+    logged = client.list_artifacts(trained.run_id, "bundle")
+    assert [a.path for a in logged] == ["bundle/bundle.zip"]
+
+
+def test_replay_does_not_register_a_bundle_changed_since(
+    tmp_path, monkeypatch, capsys, caplog, fail_fast_http
+):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    pending = tmp_path / "pending"
+    bundle = tmp_path / "bundle.zip"
+    bundle.write_bytes(b"the promoted bundle")
+    r = tracking.Run.start(UNREACHABLE, "exp", "repro-2", pending)
+    r.register_bundle(bundle, "model", "accuracy", 0.75, "champion")
+    r.end()
+    bundle.write_bytes(b"a later bundle")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert tracking.main(["replay", "--dir", str(pending)]) == 0
+    assert "(registered" not in capsys.readouterr().out
+    assert f"{bundle} is no longer the bundle this run promoted" in caplog.text
+    from mlflow import MlflowClient
+
+    assert MlflowClient(uri).search_registered_models() == []
+
+
 def test_replay_help_is_one_line(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     with pytest.raises(SystemExit) as info:
