@@ -13,13 +13,22 @@ install: ## create .venv with the exact pins of requirements.lock
 sample: ## write the bundled sample into data/raw (refuses a folder holding your data)
 	$(PY) -m imgclf.pipeline.sample
 
+install-gpu: ## install, with TensorFlow's CUDA build (requirements-gpu.lock; Linux x86-64 + NVIDIA driver)
+	python3.11 -m venv .venv
+	$(PY) -m pip install -q -r requirements-gpu.lock
+	$(PY) -m pip install -q --no-deps -e .
+
+# `dvc repro` ends every run that ran a stage with "Use `dvc push` to send your updates to
+# remote storage." (hard-coded in DVC): shown here only when a default remote is set.
+DVC_REPRO = bash -o pipefail -c '"$$0" -m dvc repro | { if "$$0" -m dvc remote default >/dev/null 2>&1; then cat; else grep -v "^Use .dvc push. to send" || true; fi; }' $(PY)
+
 run: ## the whole pipeline: your data/raw, or the bundled sample when you have none
 	$(PY) -m imgclf.pipeline.sample --unless-user-data
-	.venv/bin/dvc add -q data/raw
-	.venv/bin/dvc repro
+	$(PY) -m dvc add -q data/raw
+	$(DVC_REPRO)
 
-repro: ## run the DVC pipeline (only what changed)
-	.venv/bin/dvc repro
+repro: ## run the DVC pipeline (only what changed; "Use dvc push" only when a remote is set)
+	$(DVC_REPRO)
 
 test: ## lint + every tier: unit, integration, e2e (the README's and CI's command)
 	$(PY) -m pytest
@@ -46,5 +55,5 @@ bench: ## run the benchmarks (about 8 min), write benchmarks/RESULTS.md
 	$(PY) -m pip install -q --no-deps -r requirements-bench.lock
 	$(PY) -m benchmarks
 
-.PHONY: help install sample run repro test test-fast test-integration test-e2e lint serve \
+.PHONY: help install install-gpu sample run repro test test-fast test-integration test-e2e lint serve \
 	tracking-server bench

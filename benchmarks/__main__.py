@@ -12,6 +12,7 @@ Usage::
     python -m benchmarks --only scoring --out /tmp/R.md     # ~3.5 min, builds no corpus
     python -m benchmarks --only runtimes --out /tmp/R.md    # ~3.5 min, builds no corpus
     python -m benchmarks --only remote --out /tmp/R.md      # ~3 min, needs Debian's sshd
+    python -m benchmarks --only distributed --out /tmp/R.md # ~2 min, builds no corpus
 
 Progress goes to stderr; each benchmark that fails is recorded as "not run: <reason>".
 """
@@ -49,9 +50,12 @@ BENCHMARKS = (
     ("scoring", "Batch scoring", "benchmarks.bench_scoring:bench"),
     ("runtimes", "Inference runtimes", "benchmarks.bench_runtimes:bench"),
     ("remote", "Shared DVC remote (SSH)", "benchmarks.bench_remote:bench"),
+    ("distributed", "Training at scale", "benchmarks.bench_distributed:bench"),
 )
 # Benchmarks that do not read the photo corpus: run alone, they do not build it.
-NO_CORPUS = frozenset({"threshold", "model", "abuse", "audit", "scoring", "runtimes", "remote"})
+NO_CORPUS = frozenset(
+    {"threshold", "model", "abuse", "audit", "scoring", "runtimes", "remote", "distributed"}
+)
 # Run order: everything that forks worker processes before anything loads TensorFlow
 # into this process.
 RUN_ORDER = (
@@ -68,6 +72,7 @@ RUN_ORDER = (
     "scoring",
     "runtimes",
     "remote",
+    "distributed",
 )
 
 

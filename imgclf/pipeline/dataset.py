@@ -78,13 +78,15 @@ def make_dataset(
     cache: bool = True,
     shards: int = 1,
     shard: int = 0,
+    take: int | None = None,
 ) -> Any:
     """``tf.data`` pipeline of ``(float32 pixels 0-255, label)`` batches.
 
     Decoding runs in parallel (deterministic order); ``cache`` keeps decoded uint8 images in
     memory after the first pass; ``shuffle`` reshuffles each epoch from ``seed``. With
-    ``shards`` > 1 the (shuffled) stream keeps every ``shards``-th image from ``shard`` on,
-    before batching: the input pipeline of one worker of a distributed training. An image
+    ``take`` the (shuffled) stream stops after that many images, and with ``shards`` > 1 it
+    keeps every ``shards``-th image from ``shard`` on, before batching: the input pipeline
+    of one worker of a distributed training. An image
     that is not ``image_size`` square fails the pipeline when it is read.
     """
     import tensorflow as tf
@@ -100,6 +102,8 @@ def make_dataset(
         ds = ds.cache()
     if shuffle:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    if take is not None and take < len(paths):
+        ds = ds.take(take)
     if shards > 1:
         ds = ds.shard(shards, shard)
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))

@@ -52,7 +52,7 @@ from imgclf.config import (
 from imgclf.files import write_bytes, write_json
 from imgclf.imaging import DecodeOptions
 from imgclf.params import Params, Train
-from imgclf.pipeline.dataset import SplitList, data_hash, encode_labels, read_list
+from imgclf.pipeline.dataset import SplitList, data_hash, encode_labels, make_dataset, read_list
 from imgclf.pipeline.distribute import (
     TF_CONFIG,
     Role,
@@ -132,7 +132,7 @@ class Phase:
 def fit_phase(
     model: Any,
     train: Batches,
-    val: Batches,
+    val: Any,
     cfg: Train,
     phase: Phase,
     weights: dict[int, float] | None,
@@ -188,7 +188,7 @@ def history_rows(history: dict[str, list[float]], phase: Phase) -> list[dict[str
 def fit(
     model: Any,
     train_ds: Batches,
-    val_ds: Batches,
+    val_ds: Any,
     cfg: Train,
     weights: dict[int, float] | None,
     callbacks: Sequence[Any] = (),
@@ -212,7 +212,7 @@ def fit(
 def fine_tune(
     model: Any,
     train_ds: Batches,
-    val_ds: Batches,
+    val_ds: Any,
     cfg: Train,
     weights: dict[int, float] | None,
     callbacks: Sequence[Any],
@@ -352,7 +352,7 @@ def train_candidate(
     train = batches(
         strategy, data.train.files(root), data.y_train, size, cfg.batch_size, True, seed
     )
-    val = batches(strategy, data.val.files(root), data.y_val, size, cfg.batch_size)
+    val = make_dataset(data.val.files(root), data.y_val, size, cfg.batch_size)
     with precision(cfg.mixed_precision), strategy.scope():
         model = build_from_params(size, len(data.class_names), cfg, seed)
     synchronize_batch_norm(model, strategy.num_replicas_in_sync > 1)

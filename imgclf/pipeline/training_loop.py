@@ -12,9 +12,10 @@ compiled sparse categorical cross-entropy, each example weighted by its class we
 share of the *global* batch (so a replica with a short or empty last batch counts right;
 exactly 1 with one replica); AdamW of :func:`imgclf.pipeline.model.compile_model` applies
 the gradients, summed across replicas by Keras' optimizer; a ``mixed_float16`` model gets
-the loss scaling ``compile`` wrapped around it. Epoch figures (``loss``, ``accuracy``,
-``val_loss``, ``val_accuracy``) are sums reduced across replicas, so every worker sees the
-same numbers and makes the same early-stopping decision.
+the loss scaling ``compile`` wrapped around it. Training figures (``loss``,
+``accuracy``) are sums reduced across replicas; validation is not distributed: every
+worker scores the whole (small) validation set locally with the same weights. So every
+worker sees the same epoch figures and makes the same early-stopping decision.
 
 Shuffle order: a ``tf.data`` shuffle draws a new order for each iterator made, and Keras'
 ``fit`` makes two per epoch (one it uses, and one at the epoch's end that it drops), so
@@ -67,7 +68,10 @@ def batches(
 ) -> Batches:
     """:func:`imgclf.pipeline.dataset.make_dataset` on every input pipeline of
     ``strategy``: global ``batch_size``, each replica's share of every global batch.
-    ``batch_size`` must be a multiple of the replicas (a :class:`ValueError` says so)."""
+    ``batch_size`` must be a multiple of the replicas (a :class:`ValueError` says so).
+    With several replicas, each pass leaves out its last ``len(paths) % batch_size``
+    images (different ones each epoch, after the shuffle), so that every replica gets a
+    full share of every step: TensorFlow cannot hand a replica an empty batch."""
     import tensorflow as tf
 
     replicas = strategy.num_replicas_in_sync
@@ -76,15 +80,22 @@ def batches(
             f"train.batch_size {batch_size} must be a multiple of the {replicas} replicas "
             "training in sync"
         )
+    whole = len(paths) - len(paths) % batch_size if replicas > 1 else len(paths)
+    if whole == 0:
+        raise ValueError(
+            f"{len(paths)} training images do not fill one batch of {batch_size} for "
+            f"{replicas} replicas: lower train.batch_size"
+        )
 
     def pipeline(context: tf.distribute.InputContext) -> Any:
         return make_dataset(
             paths, labels, image_size, context.get_per_replica_batch_size(batch_size),
-            shuffle, seed, shards=context.num_input_pipelines, shard=context.input_pipeline_id,
+            shuffle, seed, shards=context.num_input_pipelines,
+            shard=context.input_pipeline_id, take=whole,
         )  # fmt: skip
 
     dataset = strategy.distribute_datasets_from_function(pipeline)
-    return Batches(strategy, dataset, math.ceil(len(paths) / batch_size))
+    return Batches(strategy, dataset, math.ceil(whole / batch_size))
 
 
 def class_weight_table(weights: dict[int, float] | None, num_classes: int) -> np.ndarray:
@@ -106,6 +117,8 @@ class Steps:
         self.model, self.strategy = model, strategy
         table = tf.constant(class_weights, tf.float32)
         optimizer = model.optimizer
+        with strategy.scope():  # its variables before tracing, as fit does (mirrored ones)
+            optimizer.build(model.trainable_variables)
 
         def counted(y: Any) -> tuple[Any, Any]:
             local = tf.cast(tf.shape(y)[0], tf.float32)
@@ -140,26 +153,25 @@ class Steps:
             per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
             return sums(tf.cast(probs, tf.float32), y, tf.cast(per_example, tf.float32) * weight)
 
-        def eval_replica(x: Any, y: Any) -> Any:
+        @tf.function
+        def train_step(x: Any, y: Any) -> Any:
+            return strategy.reduce("SUM", strategy.run(train_replica, args=(x, y)), axis=None)
+
+        @tf.function
+        def eval_step(x: Any, y: Any) -> Any:  # local: every worker scores the whole set
             y = tf.cast(y, tf.int32)
             probs = tf.cast(model(x, training=False), tf.float32)
             return sums(probs, y, keras.losses.sparse_categorical_crossentropy(y, probs))
 
-        def reduced(fn: Any) -> Any:
-            @tf.function
-            def step(x: Any, y: Any) -> Any:
-                return strategy.reduce("SUM", strategy.run(fn, args=(x, y)), axis=None)
+        self.train_step, self.eval_step = train_step, eval_step
 
-            return step
-
-        self.train_step, self.eval_step = reduced(train_replica), reduced(eval_replica)
-
-    def run_pass(self, data: Batches, train: bool) -> tuple[float, float]:
-        """One pass over ``data``: (mean loss, accuracy) over every example of all
-        replicas; the training loss is class-weighted, as ``fit`` reported it."""
+    def run_pass(self, data: Any, train: bool) -> tuple[float, float]:
+        """One pass over ``data`` (training: :class:`Batches`, every replica's examples;
+        validation: a plain ``tf.data`` dataset each worker scores whole): (mean loss,
+        accuracy); the training loss is class-weighted, as ``fit`` reported it."""
         step = self.train_step if train else self.eval_step
         total = np.zeros(3)
-        for x, y in data.dataset:
+        for x, y in data.dataset if train else data:
             total += step(x, y).numpy()
         if total[2] == 0:
             raise ValueError("an empty pass: no examples in the dataset")
@@ -169,16 +181,18 @@ class Steps:
 def fit_epochs(
     model: Any,
     train: Batches,
-    val: Batches,
+    val: Any,
     class_weights: np.ndarray,
     first_epoch: int,
     last_epoch: int,
     callbacks: Sequence[Any] = (),
 ) -> dict[str, list[float]]:
     """Epochs ``first_epoch`` .. ``last_epoch - 1`` (counted from 0, as Keras does), each
-    a training pass and a validation pass, ``callbacks`` called as ``fit`` calls them
-    (``model.stop_training`` ends the loop). Returns the history: each epoch's logs after
-    the callbacks ran (so what they added, such as the learning rate, is in it)."""
+    a training pass over ``train`` and a validation pass over ``val`` (a plain ``tf.data``
+    dataset of :func:`imgclf.pipeline.dataset.make_dataset`), ``callbacks`` called as
+    ``fit`` calls them (``model.stop_training`` ends the loop). Returns the history: each
+    epoch's logs after the callbacks ran (so what they added, such as the learning rate,
+    is in it)."""
     import keras
 
     steps = Steps(model, train.strategy, class_weights)

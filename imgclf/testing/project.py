@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 SOURCE = Path(__file__).resolve().parents[2]
 COPIED = (
+    "Makefile",
     "imgclf",
     "stages",
     "serve",

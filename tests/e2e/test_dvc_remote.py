@@ -3,6 +3,7 @@ a fresh clone pulls, finds every stage up to date and serves the same bundle."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ from imgclf.testing.project import commit, dvc, make_repo, ran, run, set_params
 from imgclf.testing.server import ServerProcess
 from imgclf.testing.sshd import SshdMissing, SshServer
 
+PUSH_ADVICE = "Use `dvc push` to send your updates to remote storage."
 FAST = {"epochs": 2, "patience": 2, "cnn_filters": [8, 16], "batch_size": 16}
 
 
@@ -32,11 +34,18 @@ def pusher(tmp_path_factory, sshd):
     repo = make_repo(tmp_path_factory.mktemp("pusher") / "repo", per_digit=6)
     set_params(repo, {f"train.{key}": value for key, value in FAST.items()})
     set_params(repo, {"promote.min_value": 0.0})
+    commit(repo, "fast params")
+    # DVC's "Use `dvc push`" advice (hard-coded in `dvc repro`): `make repro` shows it only
+    # when a default remote is set
+    made = run(repo, "make", "-s", "repro", f"PY={sys.executable}")
+    assert "train" in ran(made.stdout) and PUSH_ADVICE not in made.stdout, made.stdout
     store = tmp_path_factory.mktemp("store")
     dvc(repo, "remote", "add", "-d", "shared", sshd.url(store))
     add_key(repo, sshd)
-    commit(repo, "fast params, the shared remote")
-    dvc(repo, "repro")
+    set_params(repo, {"report.batch_size": 32})
+    commit(repo, "the shared remote")
+    made = run(repo, "make", "-s", "repro", f"PY={sys.executable}")
+    assert "report" in ran(made.stdout) and PUSH_ADVICE in made.stdout, made.stdout
     commit(repo, "first run")
     return repo, store
 

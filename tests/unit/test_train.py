@@ -76,7 +76,7 @@ def train_once(
     trn.seed_everything(7)
     strategy = tf.distribute.get_strategy()
     ds = batches(strategy, paths, y, SIZE, 8, shuffle=True, seed=7)
-    val = batches(strategy, paths, y, SIZE, 16)
+    val = make_dataset(paths, y, SIZE, 16)
     model = model or tiny_model()
     cfg = CFG.model_copy(update={"epochs": epochs, **changes})
     rows = trn.fit(model, ds, val, cfg, trn.class_weights(y, 2, "auto"), callbacks)
@@ -152,7 +152,7 @@ def test_the_training_loop_gives_fits_weights_bit_for_bit(images):
     ours = build()
     strategy = tf.distribute.get_strategy()
     history = fit_epochs(
-        ours, batches(strategy, paths, y, SIZE, 8, True, 7), batches(strategy, paths, y, SIZE, 16),
+        ours, batches(strategy, paths, y, SIZE, 8, True, 7), make_dataset(paths, y, SIZE, 16),
         class_weight_table(weights, 2), 0, 3,
     )  # fmt: skip
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
