@@ -63,8 +63,9 @@ def bench(settings: Settings, corpus: object = None) -> Result:
     )  # fmt: skip
     result.notes += [
         f"Bundled sample (digits), default `cnn` at 32 px, batch 64, {epochs} epochs; "
-        f"1 worker {one_s:.1f} s, 2 workers {two_s:.1f} s (fit time only: start-up, the "
-        "cluster's handshake and the first epoch's tracing included in neither). Both "
+        f"1 worker {one_s:.1f} s, 2 workers {two_s:.1f} s (the fit alone, first epoch's "
+        "tracing included; process start-up and the cluster's handshake excluded). With two "
+        "workers each pass leaves out the last `n % 64` images (a short last batch). Both "
         "workers share the same 2 cores, so two processes cannot be faster here: every step "
         "waits for a gRPC all-reduce of the gradients and of BatchNorm's statistics. "
         "Multi-worker pays off across machines, each with its own cores or GPUs.",

@@ -174,17 +174,31 @@ class LocalCluster:
         self.workers = workers
         self.failed: Worker | None = None
         self._done = threading.Event()
+        self._abort_timer = threading.Timer(ABORT_SECONDS, self._abort)
+        self._abort_timer.daemon = True
         self._thread = threading.Thread(target=self._watch, name="train-workers", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
-        while not self._done.wait(0.2):
+        while self.failed is None and not self._done.wait(0.2):
             for worker in self.workers:
-                code = worker.process.poll()
-                if code not in (None, 0) and self.failed is None:
+                if worker.process.poll() not in (None, 0):
                     self.failed = worker
                     log.error("training %s", worker.describe())
-                    threading.Timer(ABORT_SECONDS, self._abort).start()
+                    self._abort_timer.start()
+                    break
+
+    def dead(self, within: float = 2.0) -> Worker | None:
+        """The worker that ended badly (waiting up to ``within`` seconds for one: the
+        chief may hear of a lost peer before the process is reaped)."""
+        deadline = time.monotonic() + within
+        while True:
+            found = self.failed or next(
+                (w for w in self.workers if w.process.poll() not in (None, 0)), None
+            )
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
     def _abort(self) -> None:
         if self._done.is_set():
@@ -206,6 +220,7 @@ class LocalCluster:
             with suppress(subprocess.TimeoutExpired):
                 worker.process.wait(max(deadline - time.monotonic(), 0.1))
         self._done.set()
+        self._abort_timer.cancel()
         bad = [w for w in self.workers if w.process.poll() != 0]
         if bad:
             self.stop()
@@ -214,6 +229,7 @@ class LocalCluster:
     def stop(self) -> None:
         """SIGTERM every worker still running, SIGKILL after :data:`STOP_SECONDS`."""
         self._done.set()
+        self._abort_timer.cancel()
         for worker in self.workers:
             if worker.process.poll() is None:
                 worker.process.terminate()

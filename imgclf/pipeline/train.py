@@ -464,8 +464,17 @@ def main() -> None:
         except Exception as exc:
             if not (multi and lost_worker_error(exc)):
                 raise
-            who = cluster.failed.describe() if cluster and cluster.failed else "a worker is gone"
-            raise lost_worker(exc, who) from None
+            dead = cluster.dead() if cluster else None
+            who = dead.describe() if dead else "a worker is gone"
+            if cluster:
+                cluster.stop()
+            # TensorFlow's collectives are broken now: its thread pools fail as they are
+            # collected ("Exception ignored ... Bad file descriptor") and a normal exit can
+            # hang; say why in one line and leave at once
+            sys.unraisablehook = lambda _: None
+            print(f"error: {lost_worker(exc, who)}", file=sys.stderr, flush=True)
+            logging.shutdown()
+            os._exit(1)
 
 
 if __name__ == "__main__":
