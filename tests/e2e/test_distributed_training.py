@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import psutil
 import pytest
@@ -50,6 +49,8 @@ def accuracy_on_test(repo: Path, model: Path) -> float:
 
 def distribute_params(repo: Path) -> list[str]:
     """``train.distribute`` of every MLflow run of the repository."""
+    import mlflow  # here: imported at collection, it would fix MLflow's log level early
+
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     ids = [e.experiment_id for e in client.search_experiments()]
     return sorted(r.data.params["train.distribute"] for r in client.search_runs(ids))
