@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,28 @@ def run(
 def dvc(repo: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     """``dvc ARGS`` with this interpreter's DVC."""
     return run(repo, sys.executable, "-m", "dvc", *args, **kwargs)
+
+
+def run_queue(
+    repo: Path, jobs: int, timeout: float, interval: float, env: dict[str, str] | None = None
+) -> str:
+    """``dvc queue start -j jobs`` (its workers get ``env``), wait until nothing is running
+    or queued (checked every ``interval`` s, at most ``timeout`` s), stop the workers and
+    return the last ``dvc queue status``; a failed task raises :class:`CommandFailed` with
+    the end of its log."""
+    dvc(repo, "queue", "start", "-j", str(jobs), extra_env=env)
+    deadline, status = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        status = dvc(repo, "queue", "status").stdout
+        if "Running" not in status and "Queued" not in status:
+            break
+        time.sleep(interval)
+    dvc(repo, "queue", "stop", check=False)
+    failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
+    if failed:
+        logs = [dvc(repo, "queue", "logs", task, check=False).stdout[-3000:] for task in failed]
+        raise CommandFailed(status + "\n".join(logs))
+    return status
 
 
 def python(repo: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:

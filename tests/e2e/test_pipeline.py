@@ -20,7 +20,17 @@ import yaml
 
 from imgclf import tracking
 from imgclf.files import file_md5
-from imgclf.testing.project import commit, dvc, env, make_repo, python, ran, run, set_params
+from imgclf.testing.project import (
+    commit,
+    dvc,
+    env,
+    make_repo,
+    python,
+    ran,
+    run,
+    run_queue,
+    set_params,
+)
 
 # -- the whole pipeline in a temporary git + DVC repo ----------------------------------------
 # The classes are renamed (no `sensitive`): the operating point must find its class itself.
@@ -375,17 +385,7 @@ def test_queued_experiments_log_into_the_workspace_store(repo: Path):
     _, before = mlflow_runs(repo)
     for epochs in (1, 2):
         dvc(repo, "exp", "run", "--queue", "-S", f"train.epochs={epochs}")
-    dvc(repo, "queue", "start", "-j", "2")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = dvc(repo, "queue", "status").stdout
-        if "Running" not in status and "Queued" not in status:
-            break
-        time.sleep(5)
-    dvc(repo, "queue", "stop", check=False)
-    failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
-    logs = [dvc(repo, "queue", "logs", task, check=False).stdout[-3000:] for task in failed]
-    assert not failed, status + "\n".join(logs)
+    status = run_queue(repo, 2, 600, 5)
     assert status.count("Success") >= 2, status
     _, after = mlflow_runs(repo)
     new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
