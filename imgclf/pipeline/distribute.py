@@ -179,26 +179,25 @@ class LocalCluster:
         self._thread = threading.Thread(target=self._watch, name="train-workers", daemon=True)
         self._thread.start()
 
+    def _ended_badly(self) -> Worker | None:
+        return next((w for w in self.workers if w.process.poll() not in (None, 0)), None)
+
     def _watch(self) -> None:
         while self.failed is None and not self._done.wait(0.2):
-            for worker in self.workers:
-                if worker.process.poll() not in (None, 0):
-                    self.failed = worker
-                    log.error("training %s", worker.describe())
-                    self._abort_timer.start()
-                    break
+            self.failed = self._ended_badly()
+            if self.failed:
+                log.error("training %s", self.failed.describe())
+                self._abort_timer.start()
 
     def dead(self, within: float = 2.0) -> Worker | None:
         """The worker that ended badly (waiting up to ``within`` seconds for one: the
         chief may hear of a lost peer before the process is reaped)."""
         deadline = time.monotonic() + within
-        while True:
-            found = self.failed or next(
-                (w for w in self.workers if w.process.poll() not in (None, 0)), None
-            )
-            if found or time.monotonic() > deadline:
-                return found
+        while not (found := self.failed or self._ended_badly()):
+            if time.monotonic() > deadline:
+                return None
             time.sleep(0.05)
+        return found
 
     def _abort(self) -> None:
         if self._done.is_set():

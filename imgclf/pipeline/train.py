@@ -404,11 +404,11 @@ def log_training(
         run.log_artifact(path, None if path.is_dir() else "train")
 
 
-def lost_worker(exc: BaseException, who: str) -> StageError:
+def lost_worker(exc: BaseException, who: str) -> str:
     """The one-line error of a multi_worker training whose cluster lost a worker."""
     lines = [line.strip() for line in str(getattr(exc, "message", exc)).splitlines()]
     said = next((x for x in lines if "aborted by" in x), next((x for x in lines if x), ""))
-    return StageError(f"multi_worker training stopped: {who} ({said}); nothing written")
+    return f"multi_worker training stopped: {who} ({said}); nothing written"
 
 
 def train_and_write(

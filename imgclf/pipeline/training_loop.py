@@ -114,7 +114,6 @@ class Steps:
         import keras
         import tensorflow as tf
 
-        self.model, self.strategy = model, strategy
         table = tf.constant(class_weights, tf.float32)
         optimizer = model.optimizer
         with strategy.scope():  # its variables before tracing, as fit does (mirrored ones)
