@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 install: ## create .venv with the exact pins of requirements.lock
 	python3.11 -m venv .venv
@@ -30,6 +30,12 @@ run: ## the whole pipeline: your data/raw, or the bundled sample when you have n
 repro: ## run the DVC pipeline (only what changed; "Use dvc push" only when a remote is set)
 	$(DVC_REPRO)
 
+best: ## the experiments of each baseline with their own figures and verdicts, and the best
+	$(PY) -m imgclf.experiments
+
+apply-best: ## dvc exp apply the best promoted experiment (its bundle is then served)
+	$(PY) -m imgclf.experiments --apply
+
 test: ## lint + every tier: unit, integration, e2e (the README's and CI's command)
 	$(PY) -m pytest
 
@@ -55,5 +61,5 @@ bench: ## run the benchmarks (about 8 min), write benchmarks/RESULTS.md
 	$(PY) -m pip install -q --no-deps -r requirements-bench.lock
 	$(PY) -m benchmarks
 
-.PHONY: help install install-gpu sample run repro test test-fast test-integration test-e2e lint serve \
+.PHONY: help install install-gpu sample run repro best apply-best test test-fast test-integration test-e2e lint serve \
 	tracking-server bench

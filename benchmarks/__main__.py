@@ -13,6 +13,7 @@ Usage::
     python -m benchmarks --only runtimes --out /tmp/R.md    # ~3.5 min, builds no corpus
     python -m benchmarks --only remote --out /tmp/R.md      # ~3 min, needs Debian's sshd
     python -m benchmarks --only distributed --out /tmp/R.md # ~2 min, builds no corpus
+    python -m benchmarks --only decisions --out /tmp/R.md   # ~6 min, needs dataset-fashion-mnist
 
 Progress goes to stderr; each benchmark that fails is recorded as "not run: <reason>".
 """
@@ -51,10 +52,21 @@ BENCHMARKS = (
     ("runtimes", "Inference runtimes", "benchmarks.bench_runtimes:bench"),
     ("remote", "Shared DVC remote (SSH)", "benchmarks.bench_remote:bench"),
     ("distributed", "Training at scale", "benchmarks.bench_distributed:bench"),
+    ("decisions", "Decisions on real data", "benchmarks.bench_decisions:bench"),
 )
 # Benchmarks that do not read the photo corpus: run alone, they do not build it.
 NO_CORPUS = frozenset(
-    {"threshold", "model", "abuse", "audit", "scoring", "runtimes", "remote", "distributed"}
+    {
+        "threshold",
+        "model",
+        "abuse",
+        "audit",
+        "scoring",
+        "runtimes",
+        "remote",
+        "distributed",
+        "decisions",
+    }
 )
 # Run order: everything that forks worker processes before anything loads TensorFlow
 # into this process.
@@ -73,6 +85,7 @@ RUN_ORDER = (
     "runtimes",
     "remote",
     "distributed",
+    "decisions",
 )
 
 

@@ -68,6 +68,11 @@ class Paths:
         return self.root / "params.yaml"
 
     @property
+    def params_checked(self) -> Path:
+        """The ``params`` stage's output: every other stage depends on it."""
+        return self.root / "data" / "params.checked"
+
+    @property
     def raw(self) -> Path:
         return self.root / "data" / "raw"
 
@@ -142,6 +147,16 @@ class Paths:
     def export_metrics(self) -> Path:
         """Each export's parity with the Keras model on the test split."""
         return self.metrics / "export.json"
+
+    @property
+    def promote_metrics(self) -> Path:
+        """``promote``'s verdict: promoted or not, the candidate's and champion's figures."""
+        return self.metrics / "promote.json"
+
+    @property
+    def promote_detail(self) -> Path:
+        """``promote``'s whole verdict: both figures, the bounds and the reason."""
+        return self.metrics / "promote_detail.json"
 
     @property
     def audit(self) -> Path:

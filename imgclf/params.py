@@ -137,6 +137,8 @@ class Report(Section):
     # confidence of the one-sided lower bound on val recall that must reach target_recall;
     # below 0.5 the "lower bound" would lie above the measured recall
     recall_confidence: Annotated[float, Field(ge=0.5, lt=1.0)]
+    # a threshold the target cannot be vouched for never goes below this val precision
+    min_precision: Annotated[float, Field(ge=0.0, le=1.0)]
     batch_size: Positive
 
 
@@ -151,6 +153,7 @@ class Audit(Section):
 class Promote(Section):
     metric: Literal[GATE_METRICS]  # type: ignore[valid-type]
     min_value: Annotated[float, Field(ge=0.0, le=1.0)]
+    max_regression: Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 EXPORT_FORMATS = ("saved_model", "tflite", "onnx")
@@ -328,10 +331,12 @@ def read_yaml(path: Path) -> Any:
 
 
 def raw_classes(raw: Path) -> list[str]:
-    """Class folder names under the raw data folder (none when it does not exist)."""
-    if not raw.is_dir():
-        return []
-    return sorted(p.name for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Class folder names under the raw data folder (none when it does not exist): folders
+    that hold an image; an empty one (or one of hidden and sidecar files only) is no class,
+    as for ``preprocess`` (:mod:`imgclf.rawdata`)."""
+    from imgclf.rawdata import class_folders, holds_image  # the rule preprocess applies
+
+    return [p.name for p in class_folders(raw) if holds_image(p)]
 
 
 def load_params(path: Path, raw: Path | None = None) -> Params:

@@ -17,7 +17,8 @@ Outputs, in ``metrics/audit/``:
 - ``summary.json`` (a ``dvc metrics`` file): counts by issue kind, the estimated noise rate
   per class, the cross-validated accuracy;
 - ``index.html``: the gallery to review them in a browser (filter by kind), also logged to
-  MLflow with the other two, in a run of its own (``audit-<run name>``).
+  MLflow with the other two, in a run of its own (``audit-<run name>``) in the experiment
+  ``<mlflow.experiment>-audit``, apart from the pipeline's runs.
 
 ``audit.exclude`` (``label_issues`` or ``suspects``) makes ``train`` and ``report`` leave the
 train and val suspects out; the test side is never filtered (see
@@ -210,7 +211,7 @@ def suspect_rows(
 def summarize(
     data: AuditData, rows: list[dict[str, str]], findings: LabelFindings, probs: Probabilities
 ) -> dict[str, Any]:
-    """``metrics/audit/summary.json``: counts by kind, noise rate per class, and the
+    """``metrics/audit/summary.json``: counts by kind, the largest noise rate, and the
     cross-validated accuracy of the audit model on train+val (the audit params are in
     ``params.yaml``, so ``dvc exp show`` has them already)."""
     n = data.n_train_val
@@ -223,11 +224,18 @@ def summarize(
         "images": len(data.paths),
         "suspects": len(rows),
         "by_kind": counts,
-        "noise_rate": {
-            name: round(float(rate), 4)
-            for name, rate in zip(data.class_names, findings.noise_rate, strict=True)
-        },
+        "noise_rate_max": round(float(np.max(findings.noise_rate)), 4),
         "cv_accuracy": round(accuracy, 4),
+    }
+
+
+def noise_rates(data: AuditData, findings: LabelFindings) -> dict[str, float]:
+    """The estimated noise rate per class (the log, the gallery and MLflow show them;
+    ``summary.json`` keeps only the largest, so ``dvc exp show`` does not widen a column a
+    class)."""
+    return {
+        name: round(float(rate), 4)
+        for name, rate in zip(data.class_names, findings.noise_rate, strict=True)
     }
 
 
@@ -269,12 +277,14 @@ def log_to_mlflow(
     params: Params, summary: dict[str, Any], seconds: float, files: list[Path]
 ) -> None:
     """An MLflow run of its own (``audit-<run name>``, tagged ``stage: audit`` and with the
-    data hash): the audit params, counts and time as metrics, the three files as artifacts."""
+    data hash) in the experiment ``<mlflow.experiment>-audit``: the audit params, counts and
+    time as metrics, the three files as artifacts."""
     from imgclf import tracking
 
     lists = [PATHS.split_list(side) for side in SIDES]
     dhash = data_hash(lists, DecodeOptions.from_params(params.preprocess))
-    run, _, _ = tracking.start_run(params.mlflow.experiment, dhash, {"stage": "audit"}, "audit-")
+    experiment = tracking.audit_experiment(params.mlflow.experiment)
+    run, _, _ = tracking.start_run(experiment, dhash, {"stage": "audit"}, "audit-")
     with tracking.taken(run):
         run.log_params(tracking.flatten({"audit": params.audit.model_dump()}))
         counts = {f"audit_{kind}": float(n) for kind, n in summary["by_kind"].items()}
@@ -285,15 +295,18 @@ def log_to_mlflow(
     tracking.check_required(run, params.mlflow.required)
 
 
-def audit(data: AuditData, params: Params) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    """The ranked suspects and the summary of ``data`` (pure but for reading images)."""
+def audit(
+    data: AuditData, params: Params
+) -> tuple[list[dict[str, str]], dict[str, Any], dict[str, float]]:
+    """The ranked suspects, the summary and the noise rate per class of ``data`` (pure but
+    for reading images)."""
     cfg = params.audit
     features = pixel_features([PATHS.root / p for p in data.paths], cfg.feature_size)
     probs = probabilities(data, features, cfg, params)
     findings = label_findings(data.y, np.concatenate([probs.train_val, probs.test]))
     scores, is_outlier = outliers(features)
     rows = suspect_rows(data, findings, scores, is_outlier)
-    return rows, summarize(data, rows, findings, probs)
+    return rows, summarize(data, rows, findings, probs), noise_rates(data, findings)
 
 
 @stage_main
@@ -302,16 +315,17 @@ def main() -> None:
     setup_logging(params.base.log_level)
     start = time.perf_counter()
     data = load_audit_data(PATHS.split_dir, PATHS.manifest)
-    rows, summary = audit(data, params)
+    rows, summary, rates = audit(data, params)
     table = ([row[f] for f in suspects.FIELDS] for row in rows)
+    shown = summary | {"noise_rate": rates}
     settings = {"model": params.audit.model, "folds": params.audit.folds}
     files = [
         write_csv(PATHS.audit / "label_issues.csv", suspects.FIELDS, table),
         write_json(PATHS.audit / "summary.json", summary),
-        write_gallery(rows, summary | settings, PATHS.audit / "index.html"),
+        write_gallery(rows, shown | settings, PATHS.audit / "index.html"),
     ]
     seconds = time.perf_counter() - start
-    log_audit(summary, params.audit, seconds, [files[0], files[2]], rows[:5])
+    log_audit(shown, params.audit, seconds, [files[0], files[2]], rows[:5])
     log_to_mlflow(params, summary, seconds, files)
 
 

@@ -17,9 +17,10 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from imgclf.pipeline.stage_outputs import SIDES
+
 THUMBNAIL_QUALITY = 85
 # the usual sides, in this order; any other side follows them, sorted
-SIDES = ("train", "val", "test")
 # summary keys with a table of their own; every other key goes into the "audit" table
 SUMMARY_TABLES = ("by_kind", "noise_rate")
 

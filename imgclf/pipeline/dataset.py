@@ -108,3 +108,12 @@ def make_dataset(
         ds = ds.shard(shards, shard)
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def predict_probs(model: Any, files: Sequence[str], image_size: int, batch_size: int) -> np.ndarray:
+    """Class probabilities of the stored images at ``files``, streamed batch by batch."""
+    if not files:
+        return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
+    labels = np.zeros(len(files), np.int32)
+    ds = make_dataset(files, labels, image_size, batch_size, cache=False)
+    return model.predict(ds.map(lambda x, _y: x), verbose=0)

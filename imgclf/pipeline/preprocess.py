@@ -28,6 +28,8 @@ Rules:
 - Hidden files (``.DS_Store``) and sidecar files by extension (``.txt`` captions, ``.json``,
   ...) are not images and not errors: they are listed as ``skipped`` and not copied.
   Everything else is decoded by content (so upper-case or missing extensions are fine).
+- A folder under the raw folder that holds no image (empty, or hidden and sidecar files
+  only) is not a class (:mod:`imgclf.rawdata`): one WARNING line names it.
 - A file whose decode takes longer than ``decode_timeout`` seconds is quarantined with a
   ``timeout`` reason and the stage goes on. The log gets one summary of invalid files
   (counts by kind, the first few), not a line per file.
@@ -65,12 +67,10 @@ from imgclf.pipeline.preprocess_workers import (
     code_version,
     hash_and_process,
 )
+from imgclf.rawdata import empty_class_folders, skip_reason, why_not_a_class
 
 log = logging.getLogger(__name__)
 
-SIDECAR_SUFFIXES = frozenset(
-    {".txt", ".json", ".xml", ".csv", ".tsv", ".md", ".yaml", ".yml", ".xmp", ".ini", ".db"}
-)
 UNLABELLED = "_unlabelled"
 MANIFEST_FIELDS = (
     "raw_path",
@@ -95,13 +95,7 @@ class RawFile:
     @property
     def skip_reason(self) -> str | None:
         """Why this file is not an image candidate at all, or None."""
-        name = self.rel.rsplit("/", 1)[-1]
-        if name.startswith("."):
-            return "hidden file"
-        suffix = os.path.splitext(name)[1].lower()
-        if suffix in SIDECAR_SUFFIXES:
-            return f"sidecar file ({suffix}), not an image"
-        return None
+        return skip_reason(self.rel.rsplit("/", 1)[-1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +307,15 @@ def relative_decisions(
     return relative
 
 
+def warn_empty_class_folders(raw: Path, raw_prefix: str) -> list[Path]:
+    """One WARNING line per folder under ``raw`` that holds no image, and so is not a
+    class (shown as ``raw_prefix`` + its name); returns those folders."""
+    empty = empty_class_folders(raw)
+    for folder in empty:
+        log.warning("%s", why_not_a_class(folder, f"{raw_prefix}{folder.name}/"))
+    return empty
+
+
 def check_layout(raw: Path, outputs: Iterable[Path]) -> None:
     """Refuse output folders inside the raw folder or around it (raw is never written)."""
     raw = raw.resolve()
@@ -347,6 +350,7 @@ def preprocess(
         raise ValueError(f"decode_timeout must be positive seconds, got {decode_timeout}")
     check_layout(raw, (processed, invalid, manifest, cache_dir))
     files = scan_raw(raw)
+    warn_empty_class_folders(raw, _prefix(raw, root))
     decisions: dict[str, Override] = {}
     if overrides is not None:
         found = read_overrides(overrides, set(raw_classes(raw)))

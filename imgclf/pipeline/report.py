@@ -31,6 +31,7 @@ This module scores, evaluates, writes and logs; the parts are
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,11 +51,13 @@ from imgclf.config import (
 )
 from imgclf.files import write_bytes, write_csv, write_json
 from imgclf.params import Report
-from imgclf.pipeline.dataset import encode_labels, make_dataset, read_list
+from imgclf.pipeline.dataset import encode_labels, predict_probs, read_list
 from imgclf.pipeline.operating_point import (
     decisions_at_threshold,
+    describe_cost,
     describe_operating_point,
     operating_point,
+    threshold_cost,
 )
 from imgclf.pipeline.report_metrics import (
     PR_FIELDS,
@@ -66,7 +69,7 @@ from imgclf.pipeline.report_metrics import (
 )
 from imgclf.pipeline.report_mistakes import MISTAKE_FIELDS, mistakes_grid
 from imgclf.pipeline.report_plots import plot_confusion, plot_curves
-from imgclf.pipeline.stage_outputs import read_json
+from imgclf.pipeline.stage_outputs import SIDES, read_json
 from imgclf.pipeline.suspects import excluded_paths
 
 log = logging.getLogger(__name__)
@@ -86,15 +89,6 @@ def choose_positive(named: str | None, class_counts: dict[str, int]) -> tuple[st
     total = sum(class_counts.values())
     why = f"the rarest class ({class_counts[rarest]} of {total} training images)"
     return rarest, why
-
-
-def predict_probs(model: Any, files: Sequence[str], image_size: int, batch_size: int) -> np.ndarray:
-    """Class probabilities of the images at ``files``, streamed batch by batch."""
-    if not files:
-        return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
-    labels = np.zeros(len(files), np.int32)
-    ds = make_dataset(files, labels, image_size, batch_size, cache=False)
-    return model.predict(ds.map(lambda x, _y: x), verbose=0)
 
 
 @dataclass(frozen=True)
@@ -123,6 +117,11 @@ def score_candidate(
     if len(test.y) == 0:
         raise StageError("the test list is empty: rerun the split stage")
     return val, test
+
+
+def count_in_split(label: str) -> int:
+    """Images of class ``label`` on every side of the split."""
+    return sum(read_list(PATHS.split_list(s)).labels.count(label) for s in SIDES)
 
 
 ARGMAX_RULE = "argmax (top class)"
@@ -159,15 +158,25 @@ class Evaluation:
 
 
 def evaluate(
-    val: Scored, test: Scored, class_names: list[str], positive: str, cfg: Report
+    val: Scored,
+    test: Scored,
+    class_names: list[str],
+    positive: str,
+    cfg: Report,
+    positives_in_split: int = 0,
 ) -> Evaluation:
     """Choose the operating threshold on ``val`` (:func:`operating_point`); decide ``test``
-    at it and by argmax; the metrics of both."""
+    at it and by argmax; the metrics of both, and the threshold's cost against argmax.
+    ``positives_in_split`` (the positive class's images on every side) turns a shortfall
+    of val positives into raw images (``raw_positives_short``)."""
     pos = class_names.index(positive)
     op = operating_point(
         val.probs[:, pos], val.y == pos, test.probs[:, pos], test.y == pos, positive,
-        cfg.target_recall, cfg.recall_confidence,
+        cfg.target_recall, cfg.recall_confidence, cfg.min_precision,
     )  # fmt: skip
+    if op["positives_short"]:  # in raw images: val holds this share of the class
+        share = int(np.sum(val.y == pos)) / max(1, positives_in_split)
+        op["raw_positives_short"] = math.ceil(op["positives_short"] / share) if share else None
     at_threshold = decisions_at_threshold(test.probs, pos, op["threshold"])
     decisions = {
         f"at the operating threshold ({positive} >= {op['threshold']:.4f})": at_threshold,
@@ -176,6 +185,10 @@ def evaluate(
     metrics = compute_metrics(test.y, at_threshold, test.probs, class_names, positive)
     argmax = compute_metrics(test.y, decisions[ARGMAX_RULE], test.probs, class_names, positive)
     metrics["argmax"] = {k: argmax[k] for k in ARGMAX_FIELDS}
+    op["cost"] = threshold_cost(
+        metrics["accuracy"], argmax["accuracy"], op["test"]["recall"],
+        argmax["per_class"][positive]["recall"],
+    )  # fmt: skip
     return Evaluation(class_names, positive, test, op, decisions, metrics)
 
 
@@ -246,8 +259,10 @@ def write_report_files(ev: Evaluation, folder: Path) -> list[Path]:
     )  # fmt: skip
     threshold = ev.operating_point["threshold"]
     plot_curves(test.y, test.probs, ev.class_names, ev.positive, threshold, folder / "curves.png")
+    op = ev.operating_point
+    head = f"operating point: {describe_operating_point(op)}\n{describe_cost(op['cost'])}\n\n"
     return [
-        write_bytes(folder / "classification_report.txt", ev.report_text.encode()),
+        write_bytes(folder / "classification_report.txt", (head + ev.report_text).encode()),
         plot_confusion(matrices, ev.class_names, folder / "confusion_matrix.png"),
         folder / "curves.png",
         folder / "mistakes.png",
@@ -268,6 +283,7 @@ def log_evaluation(ev: Evaluation) -> None:
     (log.info if op["bound_met"] else log.warning)(
         "operating point: %s", describe_operating_point(op)
     )
+    log.info("cost of the threshold: %s", describe_cost(op["cost"]))
 
 
 def log_to_mlflow(run: Any, cfg: Report, ev: Evaluation, files: Sequence[Path]) -> None:
@@ -280,7 +296,7 @@ def log_to_mlflow(run: Any, cfg: Report, ev: Evaluation, files: Sequence[Path]) 
     run.log_metrics(
         mlflow_metrics(ev.metrics)
         | {"op_threshold": op["threshold"]}
-        | mlflow_metrics({s: op[s] for s in ("val", "test", "expected")}, "op_")
+        | mlflow_metrics({s: op[s] for s in ("val", "test", "expected", "cost")}, "op_")
     )
     run.set_tags({"positive_class": ev.positive})
     for path in files:
@@ -302,7 +318,7 @@ def main() -> None:
     with tracking.taken(run):
         exclude = excluded_paths(PATHS.audit / "label_issues.csv", params.audit.exclude)
         val, test = score_candidate(class_names, int(meta["image_size"]), cfg.batch_size, exclude)
-        ev = evaluate(val, test, class_names, positive, cfg)
+        ev = evaluate(val, test, class_names, positive, cfg, count_in_split(positive))
         files = write_metrics(ev) + write_plot_data(ev, PATHS.metrics / "plots")
         files += write_report_files(ev, PATHS.metrics / "report")
         log_evaluation(ev)

@@ -45,11 +45,10 @@ from imgclf.config import PATHS, StageError, load_params, setup_logging, stage_m
 from imgclf.files import write_csv, write_json
 from imgclf.params import NearDuplicates, min_images_per_class
 from imgclf.pipeline.near_duplicates import Fingerprint, components, similar_pairs
-from imgclf.pipeline.stage_outputs import require
+from imgclf.pipeline.stage_outputs import SIDES, require
 
 log = logging.getLogger(__name__)
 
-SIDES = ("train", "val", "test")
 LIST_FIELDS = ("path", "label", "sha256")
 GROUP_FIELDS = ("group", "path", "label", "side")
 

@@ -9,6 +9,9 @@ from typing import Any
 
 from imgclf.config import PATHS, StageError
 
+# the sides of the split, in the order ``split`` writes them (``data/split/<side>.csv``)
+SIDES = ("train", "val", "test")
+
 
 def require(path: Path, written_by: str) -> Path:
     """``path`` as the user knows it (relative to the project root); a missing file is a

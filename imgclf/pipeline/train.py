@@ -13,8 +13,10 @@ from 1; plotted by ``dvc plots``; DVCLive's ``metrics.json`` beside them holds t
 epoch's values); and ``metrics/train.json`` (epochs run, best epoch: the ``dvc exp show``
 columns). A candidate is never served: ``report`` judges it and ``promote`` bundles it
 only when it passes the gate. One MLflow run is created here (see :mod:`imgclf.tracking`);
-it gets every epoch's metrics as the training goes, and its id goes to
-``.mlflow-run.json`` for ``report`` and ``promote`` to resume.
+it gets every epoch's metrics as the training goes, named after their split
+(``train_accuracy``, ``train_loss``, ``val_accuracy``, ``val_loss``, and
+``learning_rate``), and its id goes to ``.mlflow-run.json`` for ``report`` and ``promote``
+to resume.
 
 Deterministic: seeds from ``train.seed`` (else ``base.seed``) and TF op determinism, so the
 same params and data give the same weights on the same machine, and the model file is saved
@@ -250,13 +252,23 @@ def train_summary(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
     return {"epochs_run": len(rows), "best_epoch": int(best_row(rows)["epoch"])}
 
 
+# Keras' log names -> MLflow's: each says its split (MLflow also holds report's test_*)
+MLFLOW_EPOCH_NAMES = {"accuracy": "train_accuracy", "loss": "train_loss"}
+
+
+def mlflow_epoch_metrics(logs: dict[str, Any]) -> dict[str, float]:
+    """An epoch's Keras logs as MLflow metrics: ``train_accuracy``, ``train_loss``,
+    ``val_accuracy``, ``val_loss``, ``learning_rate`` (DVCLive keeps Keras' names)."""
+    return {MLFLOW_EPOCH_NAMES.get(k, k): float(v) for k, v in logs.items()}
+
+
 def mlflow_epochs(run: Any) -> Any:
-    """A Keras callback logging each epoch's metrics to the MLflow ``run`` (step = epoch,
-    from 1) as the training goes."""
+    """A Keras callback logging each epoch's metrics (:func:`mlflow_epoch_metrics`) to the
+    MLflow ``run`` (step = epoch, from 1) as the training goes."""
     import keras
 
     def log_epoch(epoch: int, logs: dict[str, Any] | None) -> None:
-        run.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
+        run.log_metrics(mlflow_epoch_metrics(logs or {}), step=epoch + 1)
 
     return keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)
 

@@ -8,6 +8,8 @@ origin consumers of the TCP output already had to skip for ``__time__``):
 - ``__decision__``: ``{path: {"label", "rule", "threshold", ...}}`` at the stored threshold
 - ``__errors__``: ``{path: reason}`` for files that could not be decoded (only if any)
 - ``__time__``: seconds taken (TCP only, as in the origin)
+- ``__model__``: the bundle that answered and where it came from (``predict.py`` only):
+  ``{"source", "bundle_md5", "registry", "mlflow_run_id", "run_name", "git_commit"}``
 
 :class:`StreamedDocument` writes the same document, pretty-printed exactly as
 ``json.dumps(doc, indent=2)`` would, in pieces: each file's entry as soon as its answer is
@@ -23,6 +25,13 @@ from typing import Any
 DECISION_KEY = "__decision__"
 ERRORS_KEY = "__errors__"
 TIME_KEY = "__time__"
+MODEL_KEY = "__model__"
+MODEL_FIELDS = ("source", "bundle_md5", "registry", "mlflow_run_id", "run_name", "git_commit")
+
+
+def model_record(version: dict[str, Any]) -> dict[str, Any]:
+    """``__model__``: the lineage fields of a predictor's ``/version`` description."""
+    return {k: version.get(k) for k in MODEL_FIELDS}
 
 
 def origin_document(answers: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any]:

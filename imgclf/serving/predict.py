@@ -4,10 +4,12 @@
     python serve/predict.py --image_source path/to/folder/ [--recursive]
 
 Prints the origin's JSON on stdout, ``{path: {class: probability}}``, plus top-level
-``__decision__`` (``{path: decision at the stored threshold}``) and, when some entries could
-not be classified, ``__errors__`` (``{path: reason}``: a file that is not a decodable image,
-a FIFO or device, a dangling symbolic link, a link loop, a folder that cannot be read); see
-:mod:`imgclf.serving.output`. ``--plain`` prints exactly the origin's shape. Hidden entries
+``__decision__`` (``{path: decision at the stored threshold}``), ``__model__`` (the bundle's
+md5 and lineage: registry version, MLflow run, git commit, as ``/version`` gives them) and,
+when some entries could not be classified, ``__errors__`` (``{path: reason}``: a file that
+is not a decodable image, a FIFO or device, a dangling symbolic link, a link loop, a folder
+that cannot be read); see :mod:`imgclf.serving.output`. ``--plain`` prints exactly the
+origin's shape. Hidden entries
 are left out, and so are sub-folders without ``--recursive`` (counted on stderr). Folders
 run in batches with progress on stderr. The decoded-pixel limit is the server's,
 ``max_pixels`` in ``serve.yaml``.
@@ -31,7 +33,13 @@ from tqdm import tqdm
 
 from imgclf.config import load_serve, setup_logging, stage_main
 from imgclf.serving.listing import SourceMissing, scan
-from imgclf.serving.output import DECISION_KEY, ERRORS_KEY, origin_document
+from imgclf.serving.output import (
+    DECISION_KEY,
+    ERRORS_KEY,
+    MODEL_KEY,
+    model_record,
+    origin_document,
+)
 from imgclf.serving.predictor import ModelLoadError, Predictor, add_model_options
 
 log = logging.getLogger(__name__)
@@ -95,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s: no image classified", source)
     if args.plain:
         doc = {k: v for k, v in doc.items() if k not in (DECISION_KEY, ERRORS_KEY)}
+    else:
+        doc[MODEL_KEY] = model_record(predictor.version)
     print(json.dumps(doc, indent=2))
     return 0 if classified else 1
 

@@ -13,6 +13,12 @@ one, or an MLflow URI such as ``models:/imgclf@champion`` whose artifacts hold o
 model, the class names, the decode settings, the operating threshold and the md5 all come
 from one read of one file, so they always belong together. A bundle that did not pass its
 quality gate is refused.
+
+Where a bundle file came from (its registry version, MLflow run and git commit) is read
+from ``bundle.run.json`` beside it when that describes these very bytes; otherwise (an
+older commit checked out, ``dvc exp apply``, a copied file) the registry is asked for the
+version tagged with the bundle's md5 (:mod:`imgclf.tracking.registry`): in the
+background while the runtime loads, bounded in time, a failure only a warning.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ from imgclf import runtimes
 from imgclf.bundle import Bundle, BundleError, read_run_facts
 from imgclf.config import PATHS
 from imgclf.imaging import DecodeOptions, InvalidImage, serving_input
+from imgclf.params import ParamsError, load_params
 from imgclf.runtimes import EXPORT_DIR, Exports, Runtime, read_exports
 from imgclf.serving.version import dvc_lock_record, shown_path
+from imgclf.tracking.registry import LOOKUP_TIMEOUT_S, Background, lookup_result, start_lookup
+from imgclf.tracking.store import tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +121,68 @@ def _read_file(path: Path) -> tuple[Bundle, BundleOrigin, Exports]:
     origin = BundleOrigin(
         source=shown_path(path),
         dvc_lock=dvc_lock_record(path, bundle.md5),
+        registry=_registry_record(facts.get("registered")),
         mlflow_run_id=facts.get("mlflow_run_id"),
         run_name=facts.get("run_name"),
         git_commit=facts.get("git_commit"),
     )
     return bundle, origin, read_exports(path.parent / EXPORT_DIR, bundle.md5)
+
+
+def _registry_record(registered: Any) -> dict[str, Any] | None:
+    """``{"name", "version", "alias"}`` of promote's registration in the run facts."""
+    if not isinstance(registered, dict) or not registered.get("version"):
+        return None
+    return {
+        "name": registered.get("name"),
+        "version": str(registered["version"]),
+        "alias": registered.get("alias"),
+    }
+
+
+# ------------------------------------------------------------------ the registry, by md5
+Lineage = tuple[str, Background[dict[str, Any] | None]]  # the store's URI, the look-up
+
+
+def _registry_settings() -> tuple[str, str] | None:
+    """``mlflow.registered_model`` and ``mlflow.champion_alias`` of the project's
+    ``params.yaml`` (None: no registry, or the file is unusable, with a warning)."""
+    try:
+        ml = load_params(PATHS.params).mlflow
+    except ParamsError as exc:
+        log.warning("the bundle's registry version is not looked up: %s", exc)
+        return None
+    return (ml.registered_model, ml.champion_alias) if ml.registered_model else None
+
+
+def start_lineage(source: str | Path, origin: BundleOrigin, md5: str) -> Lineage | None:
+    """Start looking the bundle up in the registry by its md5 when it is a file whose run
+    facts do not give its registry version (None: nothing to look up)."""
+    if is_uri(source) or origin.registry is not None:
+        return None
+    settings = _registry_settings()
+    if settings is None:
+        return None
+    uri = tracking_uri()
+    return uri, start_lookup(uri, settings[0], md5, settings[1])
+
+
+def with_lineage(origin: BundleOrigin, lineage: Lineage | None, md5: str) -> BundleOrigin:
+    """``origin`` completed with what the registry look-up found (waiting for it at most
+    :data:`~imgclf.tracking.registry.LOOKUP_TIMEOUT_S`); the run facts, when they match
+    the bundle, keep precedence."""
+    if lineage is None:
+        return origin
+    found = lookup_result(lineage[1], lineage[0], md5, LOOKUP_TIMEOUT_S)
+    if found is None:
+        return origin
+    return replace(
+        origin,
+        registry=found["registry"],
+        mlflow_run_id=origin.mlflow_run_id or found["mlflow_run_id"],
+        run_name=origin.run_name or found["run_name"],
+        git_commit=origin.git_commit or found["git_commit"],
+    )
 
 
 # ------------------------------------------------------------------ an MLflow URI
@@ -237,13 +303,16 @@ class Predictor:
 
         ``max_pixels`` tightens (never loosens) the bundle's own decoded-pixel limit.
         """
-        bundle, origin, exports = read_source(source or PATHS.bundle)
+        source = source or PATHS.bundle
+        bundle, origin, exports = read_source(source)
+        lineage = start_lineage(source, origin, bundle.md5)  # runs while the runtime loads
         decode = _decode_options(bundle.info, max_pixels)
         point = OperatingPoint.from_info(bundle.info["operating_point"])
         try:
             engine, chosen = choose_runtime(bundle, exports, decode.size, runtime)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{origin.source}: {exc}") from None
+        origin = with_lineage(origin, lineage, bundle.md5)
         predictor = cls(
             class_names=tuple(bundle.class_names),
             decode=decode,

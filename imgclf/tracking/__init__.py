@@ -1,5 +1,6 @@
 """MLflow tracking shared by ``train``, ``report`` and ``promote``: one run per pipeline run
-(plus one ``audit-<run name>`` run, tagged ``stage: audit``, when the ``audit`` stage runs).
+(plus one ``audit-<run name>`` run, tagged ``stage: audit``, in the experiment of its own
+``<mlflow.experiment>-audit`` (:func:`audit_experiment`), when the ``audit`` stage runs).
 
 ``train`` creates the run, named after the DVC experiment (``repro-<time>-<commit>`` under
 plain ``dvc repro``), and stores its id in ``.mlflow-run.json``; ``report`` and ``promote``
@@ -7,8 +8,9 @@ resume it by id. Each stage *takes* the run while it works (:func:`taken`): stat
 with an owner tag (host, pid, process start time), then FINISHED, FAILED (the stage raised)
 or KILLED (SIGINT/SIGTERM). A run whose owner died without a word (SIGKILL, power loss) is
 closed as KILLED by the next ``train`` (:func:`close_abandoned`). Only ``promote`` registers
-a model version, and only after the quality gate; the champion alias moves only to a
-version that beats the champion.
+a model version, and only the bundle it serves; the champion alias moves to every version
+it registers. Each version is tagged with its bundle's md5 and git commit, so any copy of
+a registered bundle finds its version, run and commit again (:mod:`.registry`).
 
 Where runs go
     ``MLFLOW_TRACKING_URI`` when set; otherwise the SQLite file ``mlflow.db`` at the root of
@@ -37,15 +39,18 @@ When the tracking store is unreachable
     ``mlflow.required: true`` to make the stage fail instead (after its outputs are saved).
 
 Modules: :mod:`.store` (where runs go, lock and retries), :mod:`.identity` (names and
-tags), :mod:`.runs` (the run across stages), :mod:`.replay` (offline records, the CLI);
+tags), :mod:`.registry` (versions found by content), :mod:`.runs` (the run across stages),
+:mod:`.replay` (offline records, the CLI);
 :mod:`.server` (``mlflow server`` on PostgreSQL for a team trial, and for the e2e test;
 not imported here).
 """
 
 from imgclf.tracking.identity import flatten, git_commit, owner, owner_alive, run_name, run_tags
+from imgclf.tracking.registry import find_origin
 from imgclf.tracking.replay import ReplayError, main, replay
 from imgclf.tracking.runs import (
     Run,
+    audit_experiment,
     check_required,
     close_abandoned,
     read_run_link,
@@ -69,8 +74,10 @@ __all__ = [
     "ReplayError",
     "Run",
     "artifact_location",
+    "audit_experiment",
     "check_required",
     "close_abandoned",
+    "find_origin",
     "flatten",
     "git_commit",
     "locked_call",

@@ -74,13 +74,15 @@ class PendingRecord:
 
 
 REGISTER_KEYS = ("name", "bundle", "bundle_md5", "metric", "value", "alias")
+OPTIONAL_REGISTER_KEYS = ("git_commit",)  # absent from older records
 
 
 def _registration(value: object) -> dict[str, str] | None:
     """The registration request of a record (None: none, or an older record's bare name)."""
     if not isinstance(value, dict):
         return None
-    return {k: str(value[k]) for k in REGISTER_KEYS}
+    optional = {k: str(value[k]) for k in OPTIONAL_REGISTER_KEYS if value.get(k)}
+    return {k: str(value[k]) for k in REGISTER_KEYS} | optional
 
 
 def replay(pending_file: Path, uri: str) -> tuple[str, dict[str, Any] | None]:
@@ -90,9 +92,10 @@ def replay(pending_file: Path, uri: str) -> tuple[str, dict[str, Any] | None]:
 
     Params, metrics (with steps), tags and artifacts that still exist are logged, into the
     run the record names when it has one (a stage that resumed ``train``'s run), else into
-    a new run. A model registration promote could not make is made now, with the same
-    champion rule, when ``models/bundle.zip`` is still the bundle it promoted (same md5);
-    otherwise it is skipped with a warning.
+    a new run. A model registration promote could not make is made now, tagged as promote
+    would have (bundle md5, git commit) and given the champion alias, when
+    ``models/bundle.zip`` is still the bundle it promoted (same md5); otherwise it is
+    skipped with a warning.
     """
     record = PendingRecord.read(pending_file)
     run = Run.start(
@@ -126,7 +129,7 @@ def _register(run: Run, request: dict[str, str]) -> dict[str, Any] | None:
         return None
     name, metric = request["name"], request["metric"]
     registered = run.register_bundle(
-        bundle, name, metric, float(request["value"]), request["alias"]
+        bundle, name, metric, float(request["value"]), request["alias"], request.get("git_commit")
     )
     if registered:
         tags = {k: str(v) for k, v in registered.items() if v is not None}

@@ -21,6 +21,7 @@ from imgclf.tracking.identity import (
     run_name,
     run_tags,
 )
+from imgclf.tracking.registry import GIT_COMMIT_TAG, version_tags
 from imgclf.tracking.store import (
     T,
     artifact_location,
@@ -95,6 +96,12 @@ def taken(run: Run) -> Iterator[Run]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def audit_experiment(experiment: str) -> str:
+    """The experiment of the ``audit`` stage's runs, ``<experiment>-audit``: one audit run
+    per pipeline run would otherwise double the runs listed beside ``train``'s."""
+    return f"{experiment}-audit"
+
+
 def start_run(
     experiment: str, data_hash: str, tags: dict[str, str], prefix: str = ""
 ) -> tuple[Run, str, str | None]:
@@ -146,6 +153,17 @@ def check_required(run: Run, required: bool) -> None:
 
 
 # -- one run ---------------------------------------------------------------------------
+
+
+def _create_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model ``name`` unless it exists."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower():
+            raise
 
 
 class Run:
@@ -270,48 +288,44 @@ class Run:
         self._record("artifacts", [[str(Path(path).resolve()), artifact_path]])
 
     def register_bundle(
-        self, bundle: Path, name: str, metric: str, value: float, alias: str
+        self,
+        bundle: Path,
+        name: str,
+        metric: str,
+        value: float,
+        alias: str,
+        git_commit: str | None = None,
     ) -> dict[str, Any] | None:
-        """Log ``bundle`` under ``bundle/``, register it as a new version of ``name`` and give
-        it ``alias`` when ``value`` beats the current holder's ``test_<metric>`` (higher is
-        better; a holder without that metric is beaten). Returns ``{"version", "alias",
-        "champion_value", "champion_version"}``, or None offline."""
+        """Log ``bundle`` under ``bundle/``, register it as a new version of ``name`` and
+        move ``alias`` to that version: promote registers only the bundle it serves, so the
+        newest version is the champion. The version is tagged with ``test_<metric>`` =
+        ``value`` and, so that any copy of the bundle finds it again
+        (:mod:`imgclf.tracking.registry`), ``bundle_md5`` and ``git_commit`` (``git_commit``,
+        else the run's tag). Returns ``{"version", "alias", "champion_value",
+        "champion_version"}`` (the new version and ``value``), or None offline."""
+        md5 = file_md5(bundle)
 
         def register(client: MlflowClient) -> dict[str, Any]:
-            from mlflow.exceptions import MlflowException
-
+            commit = git_commit or client.get_run(self.run_id).data.tags.get(GIT_COMMIT_TAG)
             client.log_artifact(self.run_id, str(bundle), "bundle")
-            try:
-                client.create_registered_model(name)
-            except MlflowException as exc:
-                if "already exists" not in str(exc).lower():
-                    raise
+            _create_registered_model(client, name)
+            tags = {f"test_{metric}": str(value)} | version_tags(md5, commit)
             version = client.create_model_version(
-                name, source=f"runs:/{self.run_id}/bundle", run_id=self.run_id
+                name, source=f"runs:/{self.run_id}/bundle", run_id=self.run_id, tags=tags
             ).version
-            client.set_model_version_tag(name, version, f"test_{metric}", str(value))
-            try:
-                holder = client.get_model_version_by_alias(name, alias)
-            except MlflowException:
-                holder = None
-            best = None
-            if holder is not None:
-                best = client.get_run(holder.run_id).data.metrics.get(f"test_{metric}")
-            crowned = holder is None or best is None or value > best
-            if crowned:
-                client.set_registered_model_alias(name, alias, version)
+            client.set_registered_model_alias(name, alias, version)
             return {
                 "version": str(version),
-                "alias": alias if crowned else None,
-                "champion_value": value if crowned else best,
-                "champion_version": str(version) if crowned else str(holder.version),
+                "alias": alias,
+                "champion_value": value,
+                "champion_version": str(version),
             }
 
         result = self._attempt("register the bundle", register)
         if not self.ok:  # replay registers it, if the bundle is still this one
             request = {"name": name, "bundle": str(Path(bundle).resolve()), "metric": metric}
-            request |= {"value": value, "alias": alias, "bundle_md5": file_md5(bundle)}
-            self._record("register", request)
+            request |= {"value": value, "alias": alias, "bundle_md5": md5}
+            self._record("register", request | ({"git_commit": git_commit} if git_commit else {}))
         return result
 
     # -- failure handling --------------------------------------------------------------

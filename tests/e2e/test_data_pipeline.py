@@ -23,7 +23,7 @@ def rows(path: Path) -> list[dict[str, str]]:
 def repo(tmp_path_factory) -> Path:
     repo = make_repo(tmp_path_factory.mktemp("pipeline") / "repo", per_digit=6)
     out = dvc(repo, "repro", "split").stdout
-    assert ran(out) == {"preprocess", "split"}
+    assert ran(out) == {"params", "preprocess", "split"}
     commit(repo, "first run")
     return repo
 
@@ -45,7 +45,7 @@ def test_first_run_outputs_and_up_to_date(repo: Path):
 def test_test_size_change_reruns_split_only(repo: Path):
     set_params(repo, {"split.test_size": 0.5})
     out = dvc(repo, "repro", "split").stdout
-    assert ran(out) == {"split"}, out
+    assert ran(out) == {"params", "split"}, out
     assert "Stage 'preprocess' didn't change" in out
     set_params(repo, {"split.test_size": 0.3})
     dvc(repo, "repro", "split")
@@ -84,7 +84,7 @@ def test_preprocess_params_rerun_preprocess_but_never_move_the_split(repo: Path)
     for key, value in (("preprocess.jpeg_quality", 70), ("preprocess.size", 24)):
         set_params(repo, {key: value})
         out = dvc(repo, "repro", "split").stdout
-        assert ran(out) == {"preprocess"}, out
+        assert ran(out) == {"params", "preprocess"}, out
         assert "Stage 'split' didn't change" in out
     assert processed.read_bytes() != old_bytes
     after = {

@@ -45,7 +45,7 @@ def pusher(tmp_path_factory, sshd):
     set_params(repo, {"export.batch_size": 32})  # export alone reruns
     commit(repo, "the shared remote")
     made = run(repo, "make", "-s", "repro", f"PY={sys.executable}")
-    assert ran(made.stdout) == {"export"} and PUSH_ADVICE in made.stdout, made.stdout
+    assert ran(made.stdout) == {"params", "export"} and PUSH_ADVICE in made.stdout, made.stdout
     commit(repo, "first run")
     return repo, store
 

@@ -214,3 +214,57 @@ def test_version_after_reloads_is_still_path_free(setup):
     version = _get(srv.url, "/version")
     _no_absolute_paths(version)
     assert json.dumps(version).count(str(srv.tmp)) == 0
+
+
+LINEAGE = ("registry", "mlflow_run_id", "run_name", "git_commit")
+
+
+def _register(uri: str, bundle, name: str, commit: str) -> dict:
+    """Register ``bundle`` as promote does, from a run named ``name`` made at ``commit``;
+    the lineage ``/version`` should then give for it."""
+    from imgclf import tracking
+    from imgclf.config import PATHS
+    from imgclf.params import load_params
+
+    ml = load_params(PATHS.params).mlflow  # what the server looks up
+    run = tracking.Run.start(uri, "imgclf", name, bundle.parent / "pending", run_name=name)
+    got = run.register_bundle(
+        bundle, ml.registered_model, "accuracy", 0.9, ml.champion_alias, commit
+    )
+    run.end()
+    assert run.ok, run.error
+    alias = got["alias"]
+    registry = {"name": ml.registered_model, "version": got["version"], "alias": alias}
+    return {"registry": registry, "mlflow_run_id": run.run_id, "run_name": name,
+            "git_commit": commit}  # fmt: skip
+
+
+def test_an_older_registered_bundle_checked_out_shows_its_own_lineage(tmp_path):
+    """As ``git checkout`` of an older commit or ``dvc exp apply``: ``bundle.zip`` goes back
+    to an older registered bundle while ``bundle.run.json`` still describes the newer one;
+    after the reload ``/version`` names the older one's version, run and commit."""
+    from imgclf.bundle import write_run_facts
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    older = make_bundle(tmp_path / "older" / "bundle.zip", seed=1)
+    live = make_bundle(tmp_path / "models", seed=2)
+    old_lineage = _register(uri, older, "repro-older", "a" * 40)
+    new_lineage = _register(uri, live, "repro-newer", "b" * 40)  # the alias moves to it
+    old_lineage["registry"]["alias"] = None
+    registered = {**new_lineage["registry"], "champion_version": "2"}
+    facts = {k: new_lineage[k] for k in ("mlflow_run_id", "run_name", "git_commit")}
+    write_run_facts(live, {"bundle_md5": file_md5(live), **facts, "registered": registered})
+    env = {"MLFLOW_TRACKING_URI": uri}
+    srv = ServerProcess(tmp_path, live, "--reload-poll-seconds", "0.3", env=env)
+    try:
+        version = _get(srv.url, "/version")
+        assert {k: version[k] for k in LINEAGE} == new_lineage
+        replace_atomically(older, live)
+        version = _wait(
+            srv.url, "/version", lambda v: v["bundle_md5"] == file_md5(older), "no reload"
+        )
+        assert {k: version[k] for k in LINEAGE} == old_lineage
+        assert old_lineage["registry"]["version"] == "1"
+    finally:
+        assert srv.stop() == 0, srv.log()
+    assert "registry look-up" not in srv.log()  # no failure to report

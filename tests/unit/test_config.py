@@ -18,8 +18,10 @@ from imgclf.params import (
     load_params,
     load_serve_settings,
     min_images_per_class,
+    raw_classes,
     validate,
 )
+from imgclf.testing import images as f
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -116,17 +118,34 @@ def test_serve_settings_are_not_pipeline_params():
 
 
 def test_positive_class_is_checked_against_the_raw_class_folders(tmp_path):
+    """A folder without an image (here ``nsfw/``: a hidden file and a caption) is no class."""
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump({**GOOD, "report": {**GOOD["report"], "positive_class": "nsfw"}})
     )
     for name in ("cats", "dogs"):
-        (tmp_path / "raw" / name).mkdir(parents=True)
+        f.write(tmp_path / "raw" / name / "sub" / "a.png", f.png(1))
+    f.write(tmp_path / "raw" / "nsfw" / ".DS_Store", b"\x00")
+    f.write(tmp_path / "raw" / "nsfw" / "sub" / "caption.txt", b"a caption")
     with pytest.raises(ParamsError) as info:
         load_params(tmp_path / "params.yaml", tmp_path / "raw")
     assert str(info.value) == (
         "params.yaml: report.positive_class: 'nsfw' is not a class; raw/ has 'cats', 'dogs' "
         "(set one of them, or null for the rarest)"
     )
+
+
+def test_raw_classes_are_the_folders_holding_an_image(tmp_path):
+    raw = tmp_path / "raw"
+    f.write(raw / "cats" / "a.jpg", f.jpeg(1))
+    f.write(raw / "dogs" / "sub" / "deeper" / "noext", f.png(2))  # at any depth, any name
+    f.write(raw / "broken" / "x.jpg", b"not decodable")  # a candidate: invalid, still a class
+    (raw / "empty").mkdir()
+    f.write(raw / "hidden_only" / ".DS_Store", b"\x00")
+    f.write(raw / "sidecars_only" / "sub" / "notes.TXT", b"text")
+    f.write(raw / ".git" / "a.png", f.png(3))  # a hidden folder is never a class
+    (raw / "linked").symlink_to(raw / "cats", target_is_directory=True)  # not followed
+    assert raw_classes(raw) == ["broken", "cats", "dogs"]
+    assert raw_classes(tmp_path / "nowhere") == []
 
 
 def test_missing_and_unparsable_files(tmp_path):

@@ -13,10 +13,11 @@ import pytest
 import yaml
 
 from imgclf.config import PATHS, load_serve
+from imgclf.files import file_md5
 from imgclf.serving import predict
 from imgclf.serving.predictor import Predictor
 from imgclf.testing import images as f
-from imgclf.testing.bundles import make_bundle
+from imgclf.testing.bundles import RUN_FACTS, make_bundle
 
 LOADED: dict[tuple[str, int | None], Predictor] = {}  # one compile per limit, not per call
 
@@ -42,6 +43,16 @@ def loads(monkeypatch) -> list[int | None]:
 
     monkeypatch.setattr(predict, "Predictor", Cached)
     return limits
+
+
+def model_doc(bundle: Path) -> dict:
+    """``__model__`` for the test bundle: its md5 and the run facts beside it (unregistered)."""
+    return {
+        "source": "bundle.zip",  # outside the project and the cwd: the name alone
+        "bundle_md5": file_md5(bundle),
+        "registry": None,
+        **RUN_FACTS,
+    }
 
 
 def run(capsys, bundle: Path, source: Path | str, *flags: str) -> tuple[int, dict | None, str]:
@@ -108,7 +119,7 @@ def test_empty_folder_exits_1(capsys, caplog, bundle, tmp_path, plain):
     f.write(tmp_path / "empty" / ".DS_Store", b"hidden")
     status, doc, _ = run(capsys, bundle, tmp_path / "empty", *(["--plain"] if plain else []))
     assert status == 1
-    assert doc == ({} if plain else {"__decision__": {}})
+    assert doc == ({} if plain else {"__decision__": {}, "__model__": model_doc(bundle)})
     assert "no image classified" in caplog.text
 
 
@@ -130,7 +141,11 @@ def test_a_source_that_is_not_an_image_exits_1_with_the_reason(capsys, bundle, t
         "link to a fifo": "not a regular file (FIFO)",
         "not an image": "not an image (unrecognised format)",
     }[kind]
-    assert doc == {"__decision__": {}, "__errors__": {str(source): expected}}
+    assert doc == {
+        "__decision__": {},
+        "__errors__": {str(source): expected},
+        "__model__": model_doc(bundle),
+    }
     assert "Traceback" not in err
 
 

@@ -344,3 +344,78 @@ def test_source_with_copied_bundle_keeps_its_md5(tmp_path, bundle):
     shutil.copy(bundle, copy)
     v = Predictor.load(copy).version
     assert v["bundle_md5"] == file_md5(bundle) and v["source"] == "served.zip"
+
+
+# -- lineage by content: the registry knows a bundle by its md5 ----------------------------
+LINEAGE = ("registry", "mlflow_run_id", "run_name", "git_commit")
+COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def test_a_registered_bundle_without_its_run_facts_is_traced_by_its_md5(tmp_path, monkeypatch):
+    """As after ``git checkout`` of an older commit or ``dvc exp apply``: ``bundle.run.json``
+    describes another bundle, or is absent; the registry finds the version by the md5."""
+    from imgclf import tracking
+    from imgclf.bundle import write_run_facts
+    from imgclf.config import PATHS
+    from imgclf.params import load_params
+
+    ml = load_params(PATHS.params).mlflow  # the name and alias serving looks up
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run = tracking.Run.start(uri, "exp", "repro-old", tmp_path / "pending", run_name="repro-old")
+    bundle = make_bundle(tmp_path / "models")
+    registered = run.register_bundle(
+        bundle, ml.registered_model, "accuracy", 0.9, ml.champion_alias, COMMIT
+    )
+    run.end()
+    assert registered["version"] == "1" and run.ok
+    expected = {
+        "registry": {"name": ml.registered_model, "version": "1", "alias": ml.champion_alias},
+        "mlflow_run_id": run.run_id,
+        "run_name": "repro-old",
+        "git_commit": COMMIT,
+    }
+    newer = {"bundle_md5": "0" * 32, "mlflow_run_id": "another-run", "git_commit": "f" * 40}
+    write_run_facts(bundle, newer | {"run_name": "repro-newer"})  # the last promoted bundle's
+    mismatched = Predictor.load(bundle, runtime="keras").version
+    assert {k: mismatched[k] for k in LINEAGE} == expected
+    (tmp_path / "models" / "bundle.run.json").unlink()
+    absent = Predictor.load(bundle, runtime="keras").version
+    assert {k: absent[k] for k in LINEAGE} == expected
+    assert absent["bundle_md5"] == file_md5(bundle)
+
+
+def test_an_unreachable_registry_leaves_the_lineage_empty_and_the_bundle_served(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # connection refused
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    bundle = make_bundle(tmp_path / "models")
+    (tmp_path / "models" / "bundle.run.json").unlink()
+    p = Predictor.load(bundle, runtime="keras")
+    assert [p.version[k] for k in LINEAGE] == [None, None, None, None]
+    assert p.predict_arrays(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 2)
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.getMessage().startswith(
+        f"registry look-up of bundle md5 {file_md5(bundle)} in http://127.0.0.1:9 failed ("
+    )
+
+
+def test_run_facts_that_name_the_registration_are_used_without_a_look_up(
+    tmp_path, monkeypatch, caplog
+):
+    from imgclf.bundle import write_run_facts
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never asked
+    bundle = make_bundle(tmp_path / "models")
+    registered = {"name": "imgclf", "version": "7", "alias": "champion"}
+    facts = {**RUN_FACTS, "bundle_md5": file_md5(bundle), "mlflow_run_id": "r7"}
+    write_run_facts(bundle, facts | {"registered": registered | {"champion_version": "7"}})
+    v = Predictor.load(bundle, runtime="keras").version
+    assert {k: v[k] for k in LINEAGE} == {
+        "registry": registered,
+        "mlflow_run_id": "r7",
+        "run_name": RUN_FACTS["run_name"],
+        "git_commit": RUN_FACTS["git_commit"],
+    }
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []

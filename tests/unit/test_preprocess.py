@@ -286,6 +286,36 @@ def test_missing_raw_folder_is_a_clear_error(tmp_path: Path):
         run(tmp_path)
 
 
+def test_each_empty_class_folder_gets_one_warning_line(tmp_path: Path, caplog):
+    raw = tmp_path / "data" / "raw"
+    f.write(raw / "safe" / "a.png", f.png(1))
+    f.write(raw / "sensitive" / "s" / "b.png", f.png(2))
+    (raw / "cats").mkdir()
+    f.write(raw / "dogs" / ".DS_Store", b"\x00")
+    f.write(raw / "dogs" / "sub" / "caption.txt", b"a caption")
+    with caplog.at_level(logging.INFO, logger="imgclf.pipeline.preprocess"):
+        outcomes, _ = run(tmp_path)
+    warnings_ = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings_ == [
+        "data/raw/cats/ holds no image: not a class (add images or remove the folder)",
+        "data/raw/dogs/ holds no image: not a class (add images or remove the folder)",
+    ]
+    assert sorted((o.raw.rel, o.status) for o in outcomes) == [
+        ("dogs/.DS_Store", "skipped"),
+        ("dogs/sub/caption.txt", "skipped"),
+        ("safe/a.png", "processed"),
+        ("sensitive/s/b.png", "processed"),
+    ]
+
+
+def test_a_tree_without_empty_class_folders_gets_no_warning(tmp_path: Path, caplog):
+    f.write(tmp_path / "data" / "raw" / "safe" / "a.png", f.png(1))
+    f.write(tmp_path / "data" / "raw" / "sensitive" / "b.png", f.png(2))
+    with caplog.at_level(logging.WARNING, logger="imgclf.pipeline.preprocess"):
+        run(tmp_path)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 def test_outputs_inside_raw_are_refused(tmp_path: Path):
     raw = tmp_path / "data" / "raw"
     f.write(raw / "a" / "s" / "x.png", f.png(1))

@@ -14,6 +14,7 @@ import yaml
 from imgclf.config import Paths, StageError
 from imgclf.params import Params, ParamsError, Report, validate
 from imgclf.pipeline import report as rep
+from imgclf.pipeline.operating_point import describe_operating_point
 from imgclf.pipeline.report_metrics import compute_metrics
 from tests.unit.report_cases import NAMES, SCORES10, TEST_SCORES, TEST_TRUTH, TRUTH10, probs_of
 
@@ -76,7 +77,13 @@ TEST_PATHS = [f"data/processed/{i}.jpg" for i in range(7)]
 def evaluation() -> rep.Evaluation:
     val = rep.Scored([f"v{i}" for i in range(14)], TRUTH10.astype(int), probs_of(SCORES10))
     test = rep.Scored(TEST_PATHS, np.array(TEST_TRUTH), probs_of(TEST_SCORES))
-    cfg = Report(positive_class=None, target_recall=0.6, recall_confidence=0.9, batch_size=8)
+    cfg = Report(
+        positive_class=None,
+        target_recall=0.6,
+        recall_confidence=0.9,
+        min_precision=0.5,
+        batch_size=8,
+    )
     return rep.evaluate(val, test, NAMES, "sensitive", cfg)
 
 
@@ -107,8 +114,9 @@ def test_metric_and_plot_files(evaluation, tmp_path, monkeypatch):
     ]  # fmt: skip
     # the headline, in the order dvc exp show lists it
     assert (tmp_path / "metrics" / "test.json").read_text() == (
-        '{\n  "accuracy": 0.428571,\n  "macro_f1": 0.416667,\n  "roc_auc": 0.5,\n'
-        '  "pr_auc": 0.691667,\n  "recall": 0.5,\n  "precision": 0.5\n}\n'
+        '{\n  "accuracy": 0.428571,\n  "argmax_accuracy": 0.571429,\n  "recall": 0.5,\n'
+        '  "precision": 0.5,\n  "macro_f1": 0.416667,\n  "roc_auc": 0.5,\n'
+        '  "pr_auc": 0.691667\n}\n'
     )
     detail = json.loads((tmp_path / "metrics" / "report" / "test_detail.json").read_text())
     assert list(detail) == ["positive_class", "accuracy", "macro_f1", "roc_auc", "pr_auc",
@@ -152,19 +160,32 @@ def test_report_files_and_what_mlflow_gets(evaluation, tmp_path, monkeypatch):
         "mistakes.png",
     ]  # fmt: skip
     text = (tmp_path / "report" / "classification_report.txt").read_text()
-    assert text == evaluation.report_text
-    assert text.startswith("== at the operating threshold (sensitive >= 0.5500) ==")
+    op = evaluation.operating_point
+    assert text == (
+        f"operating point: {describe_operating_point(op)}\n"
+        "test accuracy at the threshold 0.428571 vs argmax 0.571429 (-0.1429): val and test "
+        "disagree: the threshold chosen on val gives no more test recall than argmax (0.5 vs "
+        f"0.75); more val images would steady it\n\n{evaluation.report_text}"
+    )
+    assert evaluation.report_text.startswith("== at the operating threshold (sensitive >= 0.5500)")
     # errors at the threshold: .9 and .6 flagged (safe), .52 and .45 missed (sensitive)
     with (tmp_path / "report" / "mistakes.csv").open(newline="") as fh:
         assert [r["path"][-5:] + " " + r["score"] for r in csv.DictReader(fh)] == [
             "4.jpg 0.9", "5.jpg 0.6", "3.jpg 0.55", "2.jpg 0.48",
         ]  # fmt: skip
     run = RecordingRun()
-    cfg = Report(positive_class=None, target_recall=0.6, recall_confidence=0.9, batch_size=8)
+    cfg = Report(
+        positive_class=None,
+        target_recall=0.6,
+        recall_confidence=0.9,
+        min_precision=0.5,
+        batch_size=8,
+    )
     rep.log_to_mlflow(run, cfg, evaluation, files)
     assert run.params == {
         "report.positive_class": "None", "report.target_recall": "0.6",
-        "report.recall_confidence": "0.9", "report.batch_size": "8",
+        "report.recall_confidence": "0.9", "report.min_precision": "0.5",
+        "report.batch_size": "8",
     }  # fmt: skip
     assert run.metrics["test_accuracy"] == 0.428571
     assert run.metrics["test_argmax_accuracy"] == 0.571429

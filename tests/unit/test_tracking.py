@@ -15,6 +15,7 @@ from imgclf.config import PATHS, Paths
 from imgclf.tracking import store
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: connection refused at once
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture(autouse=True)
@@ -207,7 +208,7 @@ def test_a_resumed_run_replays_into_itself_and_registers_the_unchanged_bundle(
     bundle.write_bytes(b"the promoted bundle")
     r = tracking.Run.start(UNREACHABLE, "exp", "repro-1", pending, run_id=trained.run_id)
     r.log_metrics({"test_accuracy": 0.75})
-    assert r.register_bundle(bundle, "model", "accuracy", 0.75, "champion") is None
+    assert r.register_bundle(bundle, "model", "accuracy", 0.75, "champion", COMMIT) is None
     r.end()
     assert not r.ok and r.run_id == trained.run_id
     (record,) = pending.glob("*.json")
@@ -215,7 +216,7 @@ def test_a_resumed_run_replays_into_itself_and_registers_the_unchanged_bundle(
     assert data["run_id"] == trained.run_id
     assert data["register"] == {
         "name": "model", "bundle": str(bundle), "metric": "accuracy", "value": 0.75,
-        "alias": "champion", "bundle_md5": file_md5(bundle),
+        "alias": "champion", "bundle_md5": file_md5(bundle), "git_commit": COMMIT,
     }  # fmt: skip
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -231,6 +232,9 @@ def test_a_resumed_run_replays_into_itself_and_registers_the_unchanged_bundle(
     assert got.data.tags["registered_model"] == "model" and got.data.tags["version"] == "1"
     (version,) = client.search_model_versions("name='model'")
     assert (str(version.version), version.run_id) == ("1", trained.run_id)
+    assert version.tags == {
+        "test_accuracy": "0.75", "bundle_md5": file_md5(bundle), "git_commit": COMMIT,
+    }  # fmt: skip
     assert str(client.get_model_version_by_alias("model", "champion").version) == "1"
     logged = client.list_artifacts(trained.run_id, "bundle")
     assert [a.path for a in logged] == ["bundle/bundle.zip"]
@@ -316,3 +320,107 @@ def test_replay_while_the_store_is_down_is_one_error_line(
     assert "Connection refused" in line
     assert [f.name for f in tmp_path.iterdir()] == ["run.json"]
     assert record.read_text() == text  # the record is kept as it was
+
+
+# -- the registry: the alias follows promotions, versions are found by content ---------------
+
+
+def _registered(tmp_path, name: str, data: bytes, value: float, commit: str | None = None):
+    """A run started as ``train`` starts one (its ``git_commit`` tag), registering a
+    bundle of ``data`` as promote does; returns the run, the bundle and what it returned."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tags = {"git_commit": name.ljust(40, "0")}
+    r = tracking.Run.start(uri, "exp", name, tmp_path / "pending", run_name=name, tags=tags)
+    bundle = tmp_path / name / "bundle.zip"
+    bundle.parent.mkdir()
+    bundle.write_bytes(data)
+    got = r.register_bundle(bundle, "model", "accuracy", value, "champion", commit)
+    r.end()
+    assert r.ok, r.error
+    return r, bundle, got
+
+
+def test_every_registered_version_takes_the_alias_and_is_tagged_by_content(tmp_path):
+    from mlflow import MlflowClient
+
+    from imgclf.files import file_md5
+
+    first, b1, got1 = _registered(tmp_path, "repro-1", b"first bundle", 0.9)
+    assert got1 == {
+        "version": "1", "alias": "champion", "champion_value": 0.9, "champion_version": "1",
+    }  # fmt: skip
+    # a lower test metric than the holder's: promote served it, so it is the champion
+    second, b2, got2 = _registered(tmp_path, "repro-2", b"second bundle", 0.5, COMMIT)
+    assert got2 == {
+        "version": "2", "alias": "champion", "champion_value": 0.5, "champion_version": "2",
+    }  # fmt: skip
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("model", "champion").version) == "2"
+    v1, v2 = client.get_model_version("model", "1"), client.get_model_version("model", "2")
+    assert (v1.run_id, v2.run_id) == (first.run_id, second.run_id)
+    assert v1.tags == {  # no commit given: the run's
+        "test_accuracy": "0.9",
+        "bundle_md5": file_md5(b1),
+        "git_commit": "repro-1".ljust(40, "0"),
+    }
+    assert v2.tags == {"test_accuracy": "0.5", "bundle_md5": file_md5(b2), "git_commit": COMMIT}
+
+
+def test_a_bundle_is_traced_to_its_version_run_and_commit_by_its_md5(tmp_path, caplog):
+    from imgclf.files import file_md5
+
+    first, b1, _ = _registered(tmp_path, "repro-1", b"first bundle", 0.9)
+    second, b2, _ = _registered(tmp_path, "repro-2", b"second bundle", 0.8, COMMIT)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.find_origin(uri, "model", file_md5(b1), "champion") == {
+        "registry": {"name": "model", "version": "1", "alias": None},
+        "mlflow_run_id": first.run_id,
+        "run_name": "repro-1",
+        "git_commit": "repro-1".ljust(40, "0"),
+    }
+    assert tracking.find_origin(uri, "model", file_md5(b2), "champion") == {
+        "registry": {"name": "model", "version": "2", "alias": "champion"},
+        "mlflow_run_id": second.run_id,
+        "run_name": "repro-2",
+        "git_commit": COMMIT,
+    }
+    # the same bytes registered again (``dvc repro -f``): the newest version
+    again, _, _ = _registered(tmp_path, "repro-3", b"first bundle", 0.9)
+    found = tracking.find_origin(uri, "model", file_md5(b1), "champion")
+    assert found["registry"]["version"] == "3" and found["mlflow_run_id"] == again.run_id
+    assert tracking.find_origin(uri, "model", "0" * 32) is None  # not registered
+    assert tracking.find_origin(uri, "other-model", file_md5(b1)) is None
+    assert caplog.records == []
+
+
+def test_looking_up_a_store_that_does_not_exist_creates_none(tmp_path, caplog):
+    uri = f"sqlite:///{tmp_path / 'none.db'}"
+    assert tracking.find_origin(uri, "model", "0" * 32) is None
+    assert not (tmp_path / "none.db").exists() and caplog.records == []
+
+
+def test_an_unreachable_store_is_a_warning_and_no_origin(caplog, fail_fast_http):
+    assert tracking.find_origin(UNREACHABLE, "model", "ab" * 16) is None
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(
+        f"registry look-up of bundle md5 {'ab' * 16} in {UNREACHABLE} failed (API request to "
+    )
+    assert record.getMessage().endswith("its MLflow version, run and git commit are left empty")
+
+
+def test_a_store_that_never_answers_is_given_up_after_the_timeout(caplog, fail_fast_http):
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        assert tracking.find_origin(uri, "model", "ab" * 16, timeout=0.5) is None
+        assert time.monotonic() - start < 1.5
+    (record,) = caplog.records
+    assert f"in {uri} failed (no answer within 0.5 s)" in record.getMessage()
+
+
+def test_audit_runs_have_an_experiment_of_their_own():
+    assert tracking.audit_experiment("imgclf") == "imgclf-audit"

@@ -101,12 +101,14 @@ def test_smoke_loss_goes_down_the_model_reloads_and_mlflow_gets_every_epoch(imag
         "epoch", "phase", "accuracy", "loss", "val_accuracy", "val_loss", "lr",
     ]  # fmt: skip
     assert rows[-1]["loss"] < rows[0]["loss"]
-    # one MLflow batch per epoch, step = epoch, the same figures as the history
+    # one MLflow batch per epoch, step = epoch, the same figures as the history, each name
+    # saying its split (MLflow also holds report's test_accuracy)
     assert [step for _, step in run.logged] == [1, 2, 3]
     for (metrics, _), row in zip(run.logged, rows, strict=True):
         assert metrics == {
-            "accuracy": row["accuracy"], "loss": row["loss"], "val_accuracy": row["val_accuracy"],
-            "val_loss": row["val_loss"], "learning_rate": row["lr"],
+            "train_accuracy": row["accuracy"], "train_loss": row["loss"],
+            "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"],
+            "learning_rate": row["lr"],
         }  # fmt: skip
     path = tmp_path / "m.keras"
     trn.save_model(model, path)
@@ -117,6 +119,15 @@ def test_smoke_loss_goes_down_the_model_reloads_and_mlflow_gets_every_epoch(imag
     np.testing.assert_allclose(got, want, atol=1e-6)
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
     assert loaded.input_shape == (None, SIZE, SIZE, 3)
+
+
+def test_mlflow_metric_names_say_their_split():
+    logs = {"accuracy": 0.5, "loss": 1.0, "val_accuracy": 0.25, "val_loss": 2.0,
+            "learning_rate": 0.001}  # fmt: skip
+    assert trn.mlflow_epoch_metrics(logs) == {
+        "train_accuracy": 0.5, "train_loss": 1.0, "val_accuracy": 0.25, "val_loss": 2.0,
+        "learning_rate": 0.001,
+    }  # fmt: skip
 
 
 def test_same_seed_same_history(images):
