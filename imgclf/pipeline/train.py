@@ -10,8 +10,7 @@ history, written by DVCLive's Keras callback into ``metrics/train/``
 (``plots/metrics/train/{loss,accuracy,learning_rate}.tsv`` and
 ``plots/metrics/eval/{loss,accuracy}.tsv``, one row per epoch, ``step`` = epoch counted
 from 1; plotted by ``dvc plots``; DVCLive's ``metrics.json`` beside them holds the last
-epoch's values); and ``metrics/train.json`` (epochs run, best epoch: the ``dvc exp show``
-columns). A candidate is never served: ``report`` judges it and ``promote`` bundles it
+epoch's values); and ``metrics/train.json`` (epochs run, best epoch). A candidate is never served: ``report`` judges it and ``promote`` bundles it
 only when it passes the gate. One MLflow run is created here (see :mod:`imgclf.tracking`);
 it gets every epoch's metrics as the training goes, named after their split
 (``train_accuracy``, ``train_loss``, ``val_accuracy``, ``val_loss``, and
@@ -248,7 +247,7 @@ def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def train_summary(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """``metrics/train.json``, the ``dvc exp show`` columns of training."""
+    """``metrics/train.json``: epochs run and the best epoch."""
     return {"epochs_run": len(rows), "best_epoch": int(best_row(rows)["epoch"])}
 
 
