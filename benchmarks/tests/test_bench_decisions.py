@@ -50,6 +50,6 @@ def test_new_outputs_the_gate_from_promote_json_and_positives_short():
     assert cells["gate"] == "not promoted; failed; accuracy 0.6 < 0.8"
     assert cells["positives short"] == "9" and cells["rule"] == "precision_floor"
     assert not bd.outcome_promoted(o)
-    assert "metrics/promote.json" in bd.shape_note(o)
+    assert "metrics/promote_detail.json" in bd.shape_note(o)
     table = bd.table([o, outcome(OP, 0, None, {"promoted": True})])
     assert len(table.splitlines()) == 4 and "| promoted |" in table

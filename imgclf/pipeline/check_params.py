@@ -7,7 +7,9 @@ it first and stops at its one-line error with every other output untouched; once
 file is fixed, nothing that had already run with those params runs again.
 
 The output, ``data/params.checked``, says only that the file passed: its bytes never
-change, so a params change reruns just the stages that read the changed keys.
+change, so a params change reruns just the stages that read the changed keys. It is kept
+in git and never deleted by DVC (``cache: false``, ``persist: true``), so every clone has
+it and a failing check leaves no tracked file deleted.
 """
 
 from __future__ import annotations

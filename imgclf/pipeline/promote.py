@@ -37,7 +37,14 @@ from imgclf.bundle import Bundle, BundleError, read_run_facts, write_bundle, wri
 from imgclf.config import PATHS, StageError, load_params, setup_logging, stage_main
 from imgclf.files import write_json
 from imgclf.params import Mlflow, Params, Promote
-from imgclf.pipeline.champion import Champion, decide, not_comparable, recorded_value
+from imgclf.pipeline.champion import (
+    Champion,
+    decide,
+    not_comparable,
+    recorded_value,
+    score_bundle,
+)
+from imgclf.pipeline.dataset import encode_labels, read_list
 from imgclf.pipeline.stage_outputs import read_json
 
 log = logging.getLogger(__name__)
@@ -111,9 +118,6 @@ def current_champion(meta: dict[str, Any], metric: str, batch_size: int) -> Cham
     value = recorded_value(bundle, meta, metric)
     if value is not None:
         return Champion(value, "recorded on the same test images", bundle.md5)
-    from imgclf.pipeline.champion import score_bundle
-    from imgclf.pipeline.dataset import encode_labels, read_list
-
     listed = read_list(PATHS.split_list("test"))
     labels = encode_labels(listed.labels, bundle.class_names)
     log.info("re-scoring the served bundle (md5 %s) on today's test split", bundle.md5)

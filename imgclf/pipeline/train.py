@@ -10,8 +10,9 @@ history, written by DVCLive's Keras callback into ``metrics/train/``
 (``plots/metrics/train/{loss,accuracy,learning_rate}.tsv`` and
 ``plots/metrics/eval/{loss,accuracy}.tsv``, one row per epoch, ``step`` = epoch counted
 from 1; plotted by ``dvc plots``; DVCLive's ``metrics.json`` beside them holds the last
-epoch's values); and ``metrics/train.json`` (epochs run, best epoch). A candidate is never served: ``report`` judges it and ``promote`` bundles it
-only when it passes the gate. One MLflow run is created here (see :mod:`imgclf.tracking`);
+epoch's values); and ``metrics/train.json`` (epochs run, best epoch). A candidate is
+never served: ``report`` judges it and ``promote`` bundles it only when it passes the gate
+and the champion race. One MLflow run is created here (see :mod:`imgclf.tracking`);
 it gets every epoch's metrics as the training goes, named after their split
 (``train_accuracy``, ``train_loss``, ``val_accuracy``, ``val_loss``, and
 ``learning_rate``), and its id goes to ``.mlflow-run.json`` for ``report`` and ``promote``

@@ -30,6 +30,7 @@ COPIED = (
     ".gitignore",
     ".dvcignore",
     "data/labels_override.csv",
+    "data/params.checked",
 )
 
 
