@@ -102,12 +102,12 @@ def test_a_worse_experiment_is_not_served_and_shows_its_own_figures(repo):
     assert metrics["metrics/promote.json"] == verdict
     # no column a class: ten classes give the table the columns two would
     header = dvc(repo, "exp", "show", "--md").stdout.splitlines()[0]
-    metric_columns = re.findall(r"\| (\w+)", header)[2:21]
+    metric_columns = re.findall(r"\| ([\w.]+)", header)[2:21]
     assert metric_columns == [
         "accuracy", "argmax_accuracy", "recall", "precision", "macro_f1", "roc_auc", "pr_auc",
-        "promoted", "verdict", "champion", "images", "suspects", "label_issue",
-        "near_duplicate_conflict", "outlier", "blank", "near_duplicate", "noise_rate_max",
-        "cv_accuracy",
+        "promoted", "verdict", "champion", "images", "suspects", "by_kind.label_issue",
+        "by_kind.near_duplicate_conflict", "by_kind.outlier", "by_kind.blank",
+        "by_kind.near_duplicate", "noise_rate_max", "cv_accuracy",
     ]  # fmt: skip
     best = python(repo, "-m", "imgclf.experiments", check=False)
     assert best.returncode == 1, best.stdout
