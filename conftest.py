@@ -12,18 +12,27 @@ from pathlib import Path
 import pytest
 
 TIERS = ("unit", "integration", "e2e")
-# Run one after another on one worker (pytest-xdist): the tests that start long-lived
-# servers of other programs on loopback (MLflow on PostgreSQL, OpenSSH, TensorFlow's gRPC
-# workers). Every other file is a group of its own (its module fixtures run once).
+# Files run one after another on one xdist worker: those that start long-lived servers
+# of other programs on loopback (MLflow on PostgreSQL, OpenSSH, TensorFlow's gRPC workers).
 SERIAL = ("test_tracking_server.py", "test_distributed_training.py", "test_dvc_remote.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test with its folder's tier (``unit`` unless it is marked otherwise), and
-    its xdist group (``--dist loadgroup``): its file, or ``servers`` for :data:`SERIAL`."""
+    """Mark each test with its folder's tier (``unit`` unless it is marked otherwise)."""
     for item in items:
         parts = Path(item.path).relative_to(item.config.rootpath).parts
         tier = next((t for t in TIERS[1:] if t in parts or item.get_closest_marker(t)), "unit")
         item.add_marker(getattr(pytest.mark, tier))
-        group = "servers" if parts[-1] in SERIAL else "/".join(parts)
-        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist's ``loadfile`` (each file whole, in order, on one worker: its module
+    fixtures run once), with the :data:`SERIAL` files as one unit."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class ServersTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "servers" if Path(scope).name in SERIAL else scope
+
+    return ServersTogether(config, log)

@@ -300,7 +300,7 @@ def mlflow_command(backend: str, artifacts: Path, port: int, workers: int) -> li
 def healthy(url: str) -> bool:
     """Whether ``<url>/health`` answers 200 now."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
             return bool(answer.status == 200)
     except (OSError, urllib.error.URLError):
         return False
