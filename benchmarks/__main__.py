@@ -56,17 +56,8 @@ BENCHMARKS = (
 )
 # Benchmarks that do not read the photo corpus: run alone, they do not build it.
 NO_CORPUS = frozenset(
-    {
-        "threshold",
-        "model",
-        "abuse",
-        "audit",
-        "scoring",
-        "runtimes",
-        "remote",
-        "distributed",
-        "decisions",
-    }
+    {"threshold", "model", "abuse", "audit", "scoring", "runtimes", "remote", "distributed"}
+    | {"decisions"}
 )
 # Run order: everything that forks worker processes before anything loads TensorFlow
 # into this process.

@@ -88,14 +88,22 @@ def gate_failure(verdict: dict[str, Any], argmax_value: float | None, op: dict[s
     if metric not in DECIDED_METRICS:
         return f"{head}; {metric} does not depend on the threshold: {_model_advice(verdict)}"
     if argmax_value is not None and float(argmax_value) >= floor:
-        more = op.get("raw_positives_short")
-        add = f", or add about {more} {op['positive_class']} images" if more else ""
         return (
             f"{head}; by argmax it is {argmax_value} >= {floor}: the threshold, not the model, "
-            f"fails the gate: lower report.target_recall (now {op['target_recall']:g}) or raise "
-            f"report.min_precision (now {op.get('min_precision', 0):g}){add}"
+            f"fails the gate: {_threshold_advice(op)}"
         )
     return f"{head}; by argmax it is {argmax_value}: {_model_advice(verdict)}"
+
+
+def _threshold_advice(op: dict[str, Any]) -> str:
+    """What moves a threshold that costs the gate: the recall target (and, vouched for,
+    its confidence; not vouched for, the precision floor or more positive images)."""
+    lower = f"lower report.target_recall (now {op['target_recall']:g})"
+    if op["bound_met"]:
+        return f"{lower} or report.recall_confidence (now {op['recall_confidence']:g})"
+    more = op.get("raw_positives_short")
+    add = f", or add about {more} {op['positive_class']} images" if more else ""
+    return f"{lower} or raise report.min_precision (now {op.get('min_precision', 0):g}){add}"
 
 
 def _model_advice(verdict: dict[str, Any]) -> str:

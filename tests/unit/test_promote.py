@@ -25,6 +25,7 @@ OP = {
     "threshold": 0.00041234,
     "target_recall": 0.95,
     "min_precision": 0.5,
+    "recall_confidence": 0.9,
     "bound_met": False,
     "raw_positives_short": 95,
     "val": {"n_positive": 35},
@@ -52,6 +53,18 @@ def test_a_gate_the_threshold_fails_names_both_figures_and_what_to_change():
         "0.8; by argmax it is 0.8 >= 0.8: the threshold, not the model, fails the gate: lower "
         "report.target_recall (now 0.95) or raise report.min_precision (now 0.5), or add "
         "about 95 shirt images"
+    )
+
+
+def test_a_vouched_threshold_that_fails_the_gate_points_at_the_target():
+    vouched = OP | {"bound_met": True, "raw_positives_short": None, "threshold": 0.0921576}
+    vouched["val"] = {"n_positive": 108}
+    got = gate_verdict({"accuracy": 0.764331}, ACCURACY, {"accuracy": 0.842887}, vouched)
+    assert got["reason"] == (
+        "QUALITY GATE FAILED: test accuracy 0.764331 at the operating threshold (shirt >= "
+        "0.0921576, chosen on 108 val positives) < promote.min_value 0.8; by argmax it is "
+        "0.842887 >= 0.8: the threshold, not the model, fails the gate: lower "
+        "report.target_recall (now 0.95) or report.recall_confidence (now 0.9)"
     )
 
 

@@ -73,18 +73,16 @@ def test_mlflow_metric_names():
 TEST_PATHS = [f"data/processed/{i}.jpg" for i in range(7)]
 
 
+CFG = Report(
+    positive_class=None, target_recall=0.6, recall_confidence=0.9, min_precision=0.5, batch_size=8
+)
+
+
 @pytest.fixture
 def evaluation() -> rep.Evaluation:
     val = rep.Scored([f"v{i}" for i in range(14)], TRUTH10.astype(int), probs_of(SCORES10))
     test = rep.Scored(TEST_PATHS, np.array(TEST_TRUTH), probs_of(TEST_SCORES))
-    cfg = Report(
-        positive_class=None,
-        target_recall=0.6,
-        recall_confidence=0.9,
-        min_precision=0.5,
-        batch_size=8,
-    )
-    return rep.evaluate(val, test, NAMES, "sensitive", cfg)
+    return rep.evaluate(val, test, NAMES, "sensitive", CFG)
 
 
 def test_evaluate_decides_test_at_the_val_threshold(evaluation):
@@ -174,14 +172,7 @@ def test_report_files_and_what_mlflow_gets(evaluation, tmp_path, monkeypatch):
             "4.jpg 0.9", "5.jpg 0.6", "3.jpg 0.55", "2.jpg 0.48",
         ]  # fmt: skip
     run = RecordingRun()
-    cfg = Report(
-        positive_class=None,
-        target_recall=0.6,
-        recall_confidence=0.9,
-        min_precision=0.5,
-        batch_size=8,
-    )
-    rep.log_to_mlflow(run, cfg, evaluation, files)
+    rep.log_to_mlflow(run, CFG, evaluation, files)
     assert run.params == {
         "report.positive_class": "None", "report.target_recall": "0.6",
         "report.recall_confidence": "0.9", "report.min_precision": "0.5",
