@@ -25,7 +25,7 @@ import psutil
 from benchmarks.artifact import write_candidate
 from benchmarks.common import Figure, Result, Settings, copy_project, env, temp_dir
 from benchmarks.corpus import Corpus
-from imgclf.files import file_sha256, write_csv
+from imgclf.files import file_sha256, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,9 @@ def bench(settings: Settings, corpus: Corpus) -> Result:
                     candidate = write_candidate(tmp / "candidate", 32)
                 shutil.copytree(candidate, root / "models" / "candidate")
                 write_split(root)
+                # the run train would have created: report resumes it (a fresh one here)
+                link = {"run_id": None, "run_name": f"bench-memory-{n}", "data_hash": ""}
+                write_json(root / ".mlflow-run.json", link | {"git_commit": None})
                 peaks["report"][count] = peak_memory(
                     root,
                     sys.executable,
